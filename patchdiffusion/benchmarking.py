@@ -1,0 +1,33 @@
+"""`patchdiff bench NAME`: benchmarks live in the source tree's `benchmarks/` folder."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+from patchdiffusion.config import ConfigError
+
+# name -> (module under benchmarks/, one-line description)
+BENCHMARKS = {
+    "unet-patching": ("unet_patching", "U-Net forward+backward time: patch_size 4 at 256² vs 1 at 64² (Luhman)"),
+}
+
+
+def _benchmarks_package():
+    try:
+        return importlib.import_module("benchmarks")
+    except ImportError:
+        root = Path(__file__).resolve().parent.parent
+        if (root / "benchmarks").is_dir():
+            sys.path.insert(0, str(root))
+            return importlib.import_module("benchmarks")
+        raise ConfigError("benchmarks need a source checkout of patchdiffusion (the benchmarks/ folder)") from None
+
+
+def run_benchmark(name: str, argv: list[str]) -> int:
+    if name not in BENCHMARKS:
+        raise ConfigError(f"unknown benchmark '{name}' (choose from: {', '.join(BENCHMARKS)})")
+    _benchmarks_package()
+    module = importlib.import_module(f"benchmarks.{BENCHMARKS[name][0]}")
+    return module.main(argv) or 0

@@ -1,0 +1,301 @@
+"""Typed run configuration.
+
+A run is described by one `RunConfig`: which method, which data, the method's own model config,
+how to train and how to sample. It is saved as `config.yaml` in every run directory and is enough
+to rebuild the model there. Values come from dataclass defaults, then a YAML file, then
+`key=value` overrides; a key may be written in full (`train.lr=1e-4`) or as its last part
+(`lr=1e-4`), which names the shallowest key of that name and must not be ambiguous.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message is one sentence meant for the user."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "builtin:textures"     # folder, .zip, .lmdb, or builtin:textures|photos|digits
+    resolution: Union[tuple[int, int], int, str] = (32, 32)  # training size (height, width); "64" or "128x64" (WxH)
+    transform: str = "center-crop"       # how stored images of another size are fitted: center-crop | resize
+    hflip: bool = True                   # random horizontal flips (decided per example from its own seed)
+    use_labels: bool = False             # feed class labels to the model (sources that have them)
+    num_workers: int = 0                 # DataLoader worker processes
+
+    def __post_init__(self) -> None:
+        self.resolution = parse_resolution(self.resolution)
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 32                 # global batch, summed over all processes
+    steps: int = 2000                    # optimizer steps in total
+    max_minutes: float = 0.0             # stop early after this much wall time (0 = no limit); a checkpoint is written
+    lr: float = 2e-4                     # peak learning rate (AdamW)
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 100              # linear learning-rate warm-up from 0
+    grad_clip: float = 1.0               # max global grad norm (0 = off)
+    ema_halflife_kimg: float = 0.5       # EMA half-life in thousands of images (EDM convention)
+    ema_rampup: float = 0.05             # EMA half-life is at most this fraction of images seen, so early EMA tracks the net
+    precision: str = "fp32"              # fp32 | bf16 | fp16 (fp16 only on CUDA)
+    compile: bool = False                # wrap the network in torch.compile
+    seed: int = 0                        # seeds data order, noise, patch positions, initial weights
+    device: str = "auto"                 # auto | cpu | cuda | cuda:N
+    log_every: int = 10                  # steps between metrics.jsonl / TensorBoard rows
+    checkpoint_every: int = 500          # steps between checkpoints (one is always written at the end)
+    keep_checkpoints: int = 2            # how many recent checkpoints to keep on disk
+    sample_every: int = 0                # steps between sample grids (0 = only at the end)
+    sample_images: int = 16              # images in each in-training sample grid
+
+
+@dataclass
+class SampleConfig:
+    sampler: str = ""                    # "" = the method's default (e.g. heun for EDM models, ddpm for patching)
+    num_steps: int = 0                   # sampling steps; 0 = the method's default
+    guidance: float = 1.0                # classifier-free guidance scale (1 = off)
+    S_churn: float = 0.0                 # EDM stochastic sampling (Heun/Euler)
+    S_min: float = 0.0
+    S_max: float = float("inf")
+    S_noise: float = 1.0
+    eta: float = 0.0                     # DDIM stochasticity
+    use_ema: bool = True                 # sample from the EMA weights
+
+
+@dataclass
+class RunConfig:
+    method: str = "full"                 # which method (see `patchdiff train --help` for the list)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: Any = None                    # the method's own config dataclass (network + diffusion settings)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def __post_init__(self) -> None:
+        if self.model is None:
+            self.model = method_config_class(self.method)()
+
+
+def method_config_class(method: str) -> type:
+    """The config dataclass of a registered method."""
+    from patchdiffusion.methods import get_method_class
+
+    return get_method_class(method).Config
+
+
+# --------------------------------------------------------------------------------------------
+# dataclass <-> plain dict
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass tree as plain YAML-friendly values (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Turn a YAML/CLI value into the annotated type, or raise ConfigError."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: cannot use {value!r}")
+    if dataclasses.is_dataclass(annotation):
+        if isinstance(value, annotation):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(annotation, value, where)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], where) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {list(value)!r}")
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if annotation in (int, float):
+        try:
+            number = float(value) if annotation is float else value
+            if annotation is int:
+                if isinstance(value, str):
+                    number = float(value)
+                if float(number) != int(float(number)):
+                    raise ValueError
+                number = int(float(number))
+            return number
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected {'an integer' if annotation is int else 'a number'}, got {value!r}") from None
+    if annotation is str:
+        return str(value)
+    return value
+
+
+def from_dict(cls: type, values: dict, where: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, refusing unknown keys with a suggestion."""
+    hints = _field_types(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in values if k not in names]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(key, names, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(names)})"
+        raise ConfigError(f"unknown config key '{where + '.' if where else ''}{key}'{hint}")
+    kwargs = {}
+    for name, value in values.items():
+        kwargs[name] = _coerce(value, hints[name], f"{where + '.' if where else ''}{name}")
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# RunConfig building
+
+
+def run_config_from_dict(values: dict) -> RunConfig:
+    """A RunConfig from a mapping; the `model` part is typed by the chosen method."""
+    values = dict(values or {})
+    method = str(values.get("method", RunConfig.method))
+    try:
+        model_cls = method_config_class(method)
+    except KeyError as e:
+        raise ConfigError(str(e.args[0])) from None
+    model_values = values.pop("model", None) or {}
+    config = from_dict(RunConfig, {k: v for k, v in values.items()})
+    config.model = from_dict(model_cls, model_values, "model")
+    return config
+
+
+def load_config(path: str | Path) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    with open(path) as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
+    return run_config_from_dict(values)
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        yaml.safe_dump(to_dict(config), f, sort_keys=False)
+    tmp.replace(path)
+
+
+def _leaf_paths(values: dict, prefix: str = "") -> list[str]:
+    paths = []
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        paths.append(full)
+        if isinstance(value, dict):
+            paths.extend(_leaf_paths(value, full + "."))
+    return paths
+
+
+def apply_overrides(config: RunConfig, overrides: list[str] | dict[str, Any]) -> RunConfig:
+    """Apply `key=value` overrides; keys are dotted paths or unambiguous last parts.
+
+    Values are parsed as YAML scalars (`1e-4`, `true`, `[1,2,2]`). Changing `method` resets `model`
+    to the new method's defaults before the other overrides are applied.
+    """
+    if isinstance(overrides, dict):
+        items = list(overrides.items())
+    else:
+        items = []
+        for text in overrides:
+            if "=" not in text:
+                raise ConfigError(f"override '{text}' is not of the form key=value")
+            key, raw = text.split("=", 1)
+            items.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
+    values = to_dict(config)
+    for key, value in items:
+        if key == "method" and value != values["method"]:
+            values["method"] = value
+            try:
+                values["model"] = to_dict(method_config_class(str(value))())
+            except KeyError as e:
+                raise ConfigError(str(e.args[0])) from None
+    paths = _leaf_paths(values)
+    for key, value in items:
+        if key == "method":
+            continue
+        if key in paths:
+            full = key
+        else:
+            matches = [p for p in paths if p.endswith("." + key)]
+            # The shallowest match wins (resolution= means data.resolution, not model.net.resolution).
+            shallowest = min((p.count(".") for p in matches), default=0)
+            matches = [p for p in matches if p.count(".") == shallowest]
+            if len(matches) > 1:
+                raise ConfigError(f"config key '{key}' is ambiguous: write one of {', '.join(matches)}")
+            if not matches:
+                close = difflib.get_close_matches(key, paths + [p.rsplit('.', 1)[-1] for p in paths], n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ConfigError(f"unknown config key '{key}'{hint}")
+            full = matches[0]
+        node = values
+        parts = full.split(".")
+        for part in parts[:-1]:
+            node = node[part]
+        node[parts[-1]] = value
+    return run_config_from_dict(values)
+
+
+def parse_resolution(text: str | int | tuple) -> tuple[int, int]:
+    """'64' -> (64, 64); '128x64' (width x height) -> (64, 128); returns (height, width)."""
+    if isinstance(text, (tuple, list)) and len(text) == 2:
+        return (int(text[0]), int(text[1]))
+    if isinstance(text, int):
+        return (text, text)
+    parts = str(text).lower().split("x")
+    try:
+        if len(parts) == 1:
+            side = int(parts[0])
+            return (side, side)
+        if len(parts) == 2:
+            return (int(parts[1]), int(parts[0]))
+    except ValueError:
+        pass
+    raise ConfigError(f"resolution '{text}' is not of the form N or WxH (e.g. 64 or 128x64)")

@@ -1,0 +1,127 @@
+"""The Method interface.
+
+A method answers one question: what does the network see, and how are its outputs put back
+together? It owns
+  * how a batch of training images becomes network inputs, conditioning and a loss (`loss`), and
+  * how the trained network becomes a denoiser over a whole canvas (`denoiser`), which any sampler
+    in `diffusion/samplers.py` can then drive (`sample`).
+Methods hold no weights; the network they build is trained by the one loop in `train.py`.
+"""
+
+from __future__ import annotations
+
+import abc
+import inspect
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+from patchdiffusion.config import ConfigError
+from patchdiffusion.diffusion.samplers import get_sampler
+from patchdiffusion.rng import SampleRNG
+
+Denoiser = Callable[..., Any]
+
+
+class Method(abc.ABC):
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    default_sampler: ClassVar[str] = "heun"
+    default_steps: ClassVar[int] = 18
+
+    def __init__(self, config: Any, resolution: tuple[int, int], image_channels: int = 3):
+        self.config = config
+        self.resolution = tuple(resolution)  # (height, width) of training images
+        self.image_channels = image_channels
+        self.validate()
+
+    # -- to be provided by each method -------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ConfigError (one clear sentence) when the config cannot work at this resolution."""
+
+    @property
+    def num_classes(self) -> int:
+        return 0
+
+    @abc.abstractmethod
+    def build_network(self) -> nn.Module:
+        """A freshly initialised network (weights drawn from the current torch RNG)."""
+
+    @abc.abstractmethod
+    def loss(self, net: nn.Module, images: torch.Tensor, labels: torch.Tensor | None, rng: SampleRNG) -> torch.Tensor:
+        """Per-example training loss, shape (B,); every random draw comes from `rng`."""
+
+    @abc.abstractmethod
+    def denoiser(self, net: nn.Module) -> Denoiser:
+        """A whole-canvas denoiser D(x, sigma, **cond) -> x0_hat built around the trained net."""
+
+    @abc.abstractmethod
+    def sampling_sigmas(self, steps: int) -> torch.Tensor:
+        """The descending noise levels (ending in 0) that samplers walk for `steps` steps."""
+
+    # -- shared ------------------------------------------------------------------------------
+    def check_canvas(self, height: int, width: int) -> None:
+        """Raise ConfigError when the method cannot sample a canvas of this size."""
+
+    def sample(
+        self,
+        net: nn.Module,
+        rng: SampleRNG,
+        height: int | None = None,
+        width: int | None = None,
+        labels: torch.Tensor | None = None,
+        sampler: str | None = None,
+        steps: int | None = None,
+        guidance: float = 1.0,
+        progress: bool = False,
+        callback: Callable[[dict], None] | None = None,
+        **options: Any,
+    ) -> torch.Tensor:
+        """Draw len(rng) images (B, C, H, W) in [-1, 1]; image i depends only on rng's seed i."""
+        height = height or self.resolution[0]
+        width = width or self.resolution[1]
+        self.check_canvas(height, width)
+        sampler = sampler or self.default_sampler
+        sampler_fn = get_sampler(sampler)
+        sigmas = self.sampling_sigmas(steps or self.default_steps).to(rng.device)
+        cond = self.sampling_condition(labels, len(rng), rng.device)
+        denoiser = self.denoiser(net)
+        if guidance != 1.0:
+            denoiser = self.guided(denoiser, guidance)
+        x = rng.randn(self.image_channels, height, width) * sigmas[0]
+        accepted = inspect.signature(sampler_fn).parameters
+        options = {k: v for k, v in {**self.sampler_defaults(sampler), **options}.items() if k in accepted}
+        with torch.no_grad():
+            out = sampler_fn(
+                denoiser, x, sigmas, extra_args=cond, noise_fn=rng.randn_like, callback=callback,
+                progress=progress, **options,
+            )
+        return out.clamp(-1, 1)
+
+    def sampler_defaults(self, sampler: str) -> dict:
+        """Options this method always passes to `sampler` (e.g. the learned variance for DDPM)."""
+        return {}
+
+    def sampling_condition(self, labels: torch.Tensor | None, batch: int, device: torch.device) -> dict:
+        if self.num_classes == 0:
+            return {}
+        if labels is None:
+            labels = torch.full((batch,), self.num_classes, dtype=torch.long)  # the null label: unconditional
+        return {"class_labels": labels.to(device)}
+
+    def guided(self, denoiser: Denoiser, scale: float) -> Denoiser:
+        if self.num_classes == 0:
+            raise ConfigError("guidance needs a class-conditional model (model.net.num_classes > 0)")
+        from patchdiffusion.diffusion.guidance import classifier_free_guidance
+
+        return classifier_free_guidance(denoiser, scale, null_label=self.num_classes)
+
+    def drop_labels(self, labels: torch.Tensor | None, rng: SampleRNG, probability: float) -> torch.Tensor | None:
+        """Replace labels by the null label with `probability` (classifier-free guidance training)."""
+        if labels is None or self.num_classes == 0:
+            return None
+        if probability <= 0:
+            return labels
+        drop = rng.rand().to(labels.device) < probability
+        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)

@@ -1,0 +1,91 @@
+"""The baseline: one network call on the whole image, EDM framework (Karras et al. 2022).
+
+With `net.patch_size` > 1 the U-Net patchifies its input (Luhman & Luhman's reshape) but the
+diffusion stays EDM's; `--method patching` is Luhman & Luhman's whole recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+from patchdiffusion.config import ConfigError
+from patchdiffusion.diffusion.losses import EDMLoss
+from patchdiffusion.diffusion.precond import EDMPrecond
+from patchdiffusion.diffusion.schedules import edm_sigmas
+from patchdiffusion.methods.base import Method
+from patchdiffusion.nets.unet import UNet, UNetConfig
+from patchdiffusion.rng import SampleRNG
+
+
+def _default_net() -> UNetConfig:
+    return UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(8,))
+
+
+@dataclass
+class FullConfig:
+    net: UNetConfig = field(default_factory=_default_net)  # the backbone
+    sigma_data: float = 0.5              # EDM σ_data: expected std of the data
+    P_mean: float = -1.2                 # training noise levels: ln σ ~ N(P_mean, P_std²)
+    P_std: float = 1.2
+    sigma_min: float = 0.002             # sampling noise range and EDM's ρ
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    label_dropout: float = 0.0           # share of labels replaced by the null label (for guidance)
+
+
+def check_divisible(net: UNetConfig, height: int, width: int) -> None:
+    """The U-Net needs sides divisible by patch_size · 2^(levels − 1)."""
+    divisor = net.patch_size * 2 ** (len(net.channel_mult) - 1)
+    if height % divisor or width % divisor:
+        raise ConfigError(
+            f"image size {width}x{height} is not divisible by {divisor} "
+            f"(patch_size {net.patch_size} × 2^{len(net.channel_mult) - 1} downsamplings)"
+        )
+
+
+class FullImageMethod(Method):
+    name = "full"
+    Config = FullConfig
+    default_sampler = "heun"
+    default_steps = 18
+
+    def validate(self) -> None:
+        if self.config.net.in_channels != self.image_channels:
+            raise ConfigError(
+                f"model.net.in_channels is {self.config.net.in_channels} but the data has {self.image_channels} channels"
+            )
+        check_divisible(self.config.net, *self.resolution)
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.net.num_classes
+
+    def build_network(self) -> UNet:
+        # The nominal resolution (which picks the attention levels) is the training resolution.
+        return UNet(dataclasses.replace(self.config.net, resolution=min(self.resolution)))
+
+    def loss(self, net, images, labels, rng: SampleRNG) -> torch.Tensor:
+        cfg = self.config
+        edm_loss = EDMLoss(P_mean=cfg.P_mean, P_std=cfg.P_std, sigma_data=cfg.sigma_data)
+        cond = {}
+        labels = self.drop_labels(labels, rng, cfg.label_dropout)
+        if labels is not None:
+            cond["class_labels"] = labels
+        per_element = edm_loss(EDMPrecond(net, sigma_data=cfg.sigma_data), images, rng, **cond)
+        return per_element.flatten(1).mean(1)
+
+    def denoiser(self, net):
+        return EDMPrecond(net, sigma_data=self.config.sigma_data)
+
+    def sampling_sigmas(self, steps: int) -> torch.Tensor:
+        cfg = self.config
+        return edm_sigmas(steps, sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max, rho=cfg.rho)
+
+    def check_canvas(self, height: int, width: int) -> None:
+        check_divisible(self.config.net, height, width)
+
+
+METHOD = FullImageMethod
