@@ -172,9 +172,10 @@ def learning_rate(cfg, step: int) -> float:
 def build_dataset(config: RunConfig):
     from patchdiffusion.data import ImageDataset, open_source
 
-    source = open_source(config.data.source, resolution=config.data.resolution)
+    height, width = config.data.resolution
+    source = open_source(config.data.source, resolution=(width, height))
     return ImageDataset(
-        source, resolution=(config.data.resolution[1], config.data.resolution[0]),
+        source, resolution=(width, height),
         transform=config.data.transform, use_labels=config.data.use_labels,
     )
 

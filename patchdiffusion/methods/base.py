@@ -113,9 +113,9 @@ class Method(abc.ABC):
     def guided(self, denoiser: Denoiser, scale: float) -> Denoiser:
         if self.num_classes == 0:
             raise ConfigError("guidance needs a class-conditional model (model.net.num_classes > 0)")
-        from patchdiffusion.diffusion.guidance import classifier_free_guidance
+        from patchdiffusion.diffusion.guidance import guided
 
-        return classifier_free_guidance(denoiser, scale, null_label=self.num_classes)
+        return guided(denoiser, scale, cond_key="class_labels", null_value=self.num_classes)
 
     def drop_labels(self, labels: torch.Tensor | None, rng: SampleRNG, probability: float) -> torch.Tensor | None:
         """Replace labels by the null label with `probability` (classifier-free guidance training)."""
