@@ -1,0 +1,39 @@
+"""Data layer: image sources (folder, zip, LMDB, built-in), conversion, and the torch dataset.
+
+    source = open_source("builtin:textures?count=200", resolution=64)
+    summary = convert_dataset("photos/", "photos-64.zip", resolution=(64, 64))
+    dataset = ImageDataset(open_source("photos-64.zip"), resolution=(64, 64))
+"""
+
+from .base import DecodedImage, ImageSource, decode_image
+from .builtin import BUILTIN_SETS, TEXTURE_FAMILIES, BuiltinSource
+from .convert import ConvertSummary, convert_dataset
+from .dataset import ImageDataset, hflip
+from .errors import DataError, UnreadableImageError
+from .sources import FolderSource, LmdbSource, ZipSource, open_source
+from .transforms import TRANSFORMS, apply_transform, center_crop_resize, parse_resolution, resize, to_rgb_uint8
+
+__all__ = [
+    "BUILTIN_SETS",
+    "TEXTURE_FAMILIES",
+    "TRANSFORMS",
+    "BuiltinSource",
+    "ConvertSummary",
+    "DataError",
+    "DecodedImage",
+    "FolderSource",
+    "ImageDataset",
+    "ImageSource",
+    "LmdbSource",
+    "UnreadableImageError",
+    "ZipSource",
+    "apply_transform",
+    "center_crop_resize",
+    "convert_dataset",
+    "decode_image",
+    "hflip",
+    "open_source",
+    "parse_resolution",
+    "resize",
+    "to_rgb_uint8",
+]
