@@ -41,7 +41,7 @@ class ImageDataset(Dataset):
 
     @property
     def num_classes(self) -> int:
-        """Number of classes (max label + 1); 0 when labels are not used."""
+        """Number of classes (the source's class names, or max label + 1); 0 when labels are not used."""
         return self._num_classes or 0
 
     def __len__(self) -> int:
@@ -61,7 +61,9 @@ def _count_classes(source: ImageSource) -> int:
     missing = sum(label is None for label in labels)
     if missing:
         raise DataError(f"use_labels needs a label for every image, but {missing} of {len(labels)} in {source!r} have none")
-    return max(labels) + 1 if labels else 0
+    # A subset may miss the last classes; a source that names its classes knows how many there are.
+    class_names = getattr(source, "class_names", None)
+    return max(len(class_names or ()), max(labels) + 1 if labels else 0)
 
 
 def hflip(batch: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Generic, TypeVar
 from urllib.parse import parse_qs
@@ -234,23 +236,18 @@ class LmdbSource(_SourceBase):
         if not self.path.exists():
             raise DataError(f"LMDB {str(path)!r} does not exist")
         self._subdir = self.path.is_dir()
-        environment = self._open_environment()
+        lease = self._open_environment()
         try:
-            with environment.begin() as transaction:
+            with lease.environment.begin() as transaction:
                 self._length = _read_lmdb_length(transaction, self.path)
                 self._names = _read_lmdb_json_list(transaction, formats.LMDB_NAMES_KEY, self._length)
                 self._labels = _read_lmdb_json_list(transaction, formats.LMDB_LABELS_KEY, self._length)
         finally:
-            environment.close()
-        self._environment = _PerProcessHandle(self._open_environment)
+            lease.close()
+        self._lease = _PerProcessHandle(self._open_environment)
 
-    def _open_environment(self) -> lmdb.Environment:
-        try:
-            return lmdb.open(
-                str(self.path), subdir=self._subdir, readonly=True, lock=False, readahead=False, meminit=False
-            )
-        except lmdb.Error as error:
-            raise DataError(f"{str(self.path)!r} is not a readable LMDB ({error})") from None
+    def _open_environment(self) -> _LmdbLease:
+        return _LmdbLease(self.path, self._subdir)
 
     def __len__(self) -> int:
         return self._length
@@ -261,7 +258,7 @@ class LmdbSource(_SourceBase):
 
     def read_decoded(self, index: int) -> DecodedImage:
         key = formats.lmdb_key(self._check_index(index))
-        with self._environment.get().begin(buffers=False) as transaction:
+        with self._lease.get().environment.begin(buffers=False) as transaction:
             data = transaction.get(key)
         if data is None:
             raise DataError(f"LMDB {str(self.path)!r} has no key {key.decode()} though its length is {len(self)}")
@@ -272,10 +269,68 @@ class LmdbSource(_SourceBase):
         return None if self._labels is None else _as_label(self._labels[index])
 
     def close(self) -> None:
-        self._environment.close()
+        self._lease.close()
 
     def __repr__(self) -> str:
         return f"LmdbSource({str(self.path)!r}, {len(self)} images)"
+
+
+@dataclass
+class _SharedEnvironment:
+    environment: lmdb.Environment
+    owner_pid: int
+    users: int
+
+
+# py-lmdb refuses to open one data file twice in a process (it tracks files by device and inode),
+# so every LmdbSource on the same file in a process shares one environment, counted by its users.
+_SHARED_ENVIRONMENTS: dict[tuple[int, int], _SharedEnvironment] = {}
+_SHARED_ENVIRONMENTS_LOCK = threading.Lock()
+
+
+class _LmdbLease:
+    """One user's share of the process-wide read-only environment of an LMDB file."""
+
+    def __init__(self, path: Path, subdir: bool):
+        data_file = path / formats.LMDB_DATA_FILE if subdir else path
+        try:
+            status = os.stat(data_file)
+        except OSError as error:
+            raise DataError(f"{str(path)!r} is not a readable LMDB ({error.strerror})") from None
+        self._key = (status.st_dev, status.st_ino)
+        with _SHARED_ENVIRONMENTS_LOCK:
+            shared = _SHARED_ENVIRONMENTS.get(self._key)
+            if shared is not None and shared.owner_pid != os.getpid():
+                # Inherited through fork: the copy is unusable here and would block reopening. Closing
+                # this process's copy of a read-only, lock-free environment leaves the parent's alone.
+                shared.environment.close()
+                shared = None
+            if shared is None:
+                shared = _SharedEnvironment(_open_lmdb_read_only(path, subdir), os.getpid(), 0)
+                _SHARED_ENVIRONMENTS[self._key] = shared
+            shared.users += 1
+        self.environment = shared.environment
+        self._closed = False
+
+    def close(self) -> None:
+        with _SHARED_ENVIRONMENTS_LOCK:
+            if self._closed:
+                return
+            self._closed = True
+            shared = _SHARED_ENVIRONMENTS.get(self._key)
+            if shared is None or shared.environment is not self.environment:
+                return
+            shared.users -= 1
+            if shared.users == 0:
+                shared.environment.close()
+                del _SHARED_ENVIRONMENTS[self._key]
+
+
+def _open_lmdb_read_only(path: Path, subdir: bool) -> lmdb.Environment:
+    try:
+        return lmdb.open(str(path), subdir=subdir, readonly=True, lock=False, readahead=False, meminit=False)
+    except lmdb.Error as error:
+        raise DataError(f"{str(path)!r} is not a readable LMDB ({error})") from None
 
 
 def _read_lmdb_length(transaction: lmdb.Transaction, path: Path) -> int:
