@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import pickle
 import zipfile
 from pathlib import Path
@@ -222,6 +223,22 @@ def test_dataloader_workers_read_lmdb_and_zip_opened_in_parent(tmp_path):
         assert torch.equal(dataset[3][0], expected[3])  # and the parent still reads after the workers
 
 
+def test_zip_source_reads_edm_dataset_tool_zip(tmp_path):
+    rng = np.random.default_rng(5)
+    pixels = [_random_rgb(rng, 8, 8) for _ in range(3)]
+    with zipfile.ZipFile(tmp_path / "edm.zip", "w") as archive:
+        for index, array in enumerate(pixels):
+            buffer = io.BytesIO()
+            Image.fromarray(array).save(buffer, format="PNG")
+            archive.writestr(f"00000/img{index:08d}.png", buffer.getvalue())
+        labels = [[f"00000/img{index:08d}.png", label] for index, label in enumerate([4, 0, 9])]
+        archive.writestr("dataset.json", json.dumps({"labels": labels}))
+    source = open_source(tmp_path / "edm.zip")
+    assert [source.name_of(i) for i in range(3)] == [f"00000/img{i:08d}.png" for i in range(3)]
+    assert [source.label_of(i) for i in range(3)] == [4, 0, 9]
+    assert all(np.array_equal(source.read(i), pixels[i]) for i in range(3))
+
+
 def test_lmdb_source_reads_patch_dm_jpeg_layout(tmp_path):
     import lmdb
 
@@ -285,6 +302,7 @@ def test_open_source_dispatches_on_each_spec_form(tmp_path, png_folder):
     assert isinstance(open_source(root), FolderSource)
     assert isinstance(open_source(str(tmp_path / "s.zip")), ZipSource)
     assert isinstance(open_source(tmp_path / "plain_dir_lmdb"), LmdbSource)  # found by its data.mdb
+    assert len(open_source(tmp_path / "plain_dir_lmdb" / "data.mdb")) == 4
     built = open_source("builtin:textures?count=200&seed=3", resolution=32)
     assert isinstance(built, BuiltinSource) and len(built) == 200 and built.seed == 3
     assert built.read(0).shape == (32, 32, 3)

@@ -3,6 +3,18 @@
     source = open_source("builtin:textures?count=200", resolution=64)
     summary = convert_dataset("photos/", "photos-64.zip", resolution=(64, 64))
     dataset = ImageDataset(open_source("photos-64.zip"), resolution=(64, 64))
+
+Modules, one job each:
+    errors.py      DataError (bad path/spec/data set) and UnreadableImageError (one bad file)
+    transforms.py  any picture -> uint8 RGB; center-crop / resize to (width, height)
+    formats.py     the zip (EDM) and LMDB (Patch-DM) layouts, shared by readers and writers
+    base.py        the ImageSource interface and image decoding
+    sources.py     FolderSource, ZipSource, LmdbSource, and open_source(spec)
+    builtin.py     BuiltinSource: offline sets from scikit-image / scikit-learn pictures
+    writers.py     streaming zip / LMDB / folder writers and staged (temp + rename) output
+    convert.py     convert_dataset and its ConvertSummary
+    dataset.py     ImageDataset (torch) and hflip
+Sizes are (width, height) throughout this package, as in PIL; arrays are (H, W, 3) uint8.
 """
 
 from .base import DecodedImage, ImageSource, decode_image

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,10 @@ class ConvertSummary:
     transform: str = "center-crop"
 
     def __str__(self) -> str:
-        size = "native sizes" if self.resolution is None else f"{self.resolution[0]}x{self.resolution[1]}, {self.transform}"
+        if self.resolution is None:
+            size = "native sizes"
+        else:
+            size = f"{self.resolution[0]}x{self.resolution[1]}, {self.transform}"
         lines = [f"Wrote {self.written} images to {self.dest} ({size})."]
         if self.converted_modes:
             modes = ", ".join(f"{count} from {mode}" for mode, count in sorted(self.converted_modes.items()))

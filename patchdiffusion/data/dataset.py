@@ -60,7 +60,9 @@ def _count_classes(source: ImageSource) -> int:
     labels = [source.label_of(index) for index in range(len(source))]
     missing = sum(label is None for label in labels)
     if missing:
-        raise DataError(f"use_labels needs a label for every image, but {missing} of {len(labels)} in {source!r} have none")
+        raise DataError(
+            f"use_labels needs a label for every image, but {missing} of {len(labels)} in {source!r} have none"
+        )
     # A subset may miss the last classes; a source that names its classes knows how many there are.
     class_names = getattr(source, "class_names", None)
     return max(len(class_names or ()), max(labels) + 1 if labels else 0)

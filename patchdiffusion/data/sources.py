@@ -43,7 +43,7 @@ class _PerProcessHandle(Generic[Handle]):
 
     def get(self) -> Handle:
         if self._handle is None or self._owner_pid != os.getpid():
-            # A handle inherited through fork is abandoned, not closed: closing it could disturb the parent.
+            # A handle inherited through fork is left to the parent; this process opens its own.
             self._handle = self._opener()
             self._owner_pid = os.getpid()
         return self._handle
@@ -376,7 +376,7 @@ def open_source(
     """Open an image source from a spec string.
 
     Accepted forms: an existing directory (images in it and its subfolders); `path.zip`;
-    `path.lmdb` or a directory holding `data.mdb`; `builtin:textures`, `builtin:photos`,
+    `path.lmdb`, a directory holding `data.mdb`, or that `data.mdb` file; `builtin:textures`, `builtin:photos`,
     `builtin:digits`, optionally with a query such as `builtin:textures?count=200&seed=3`.
     `resolution` only matters for built-in sets (the size they are rendered at); file sources
     keep their stored sizes and `ImageDataset` resizes. `folder_labels` numbers the subfolders of
@@ -390,7 +390,8 @@ def open_source(
         if not path.is_file():
             raise DataError(f"zip file {text!r} does not exist")
         return ZipSource(path)
-    if text.lower().rstrip("/").endswith(".lmdb") or (path / formats.LMDB_DATA_FILE).is_file():
+    looks_like_lmdb = text.lower().rstrip("/").endswith(".lmdb") or path.name == formats.LMDB_DATA_FILE
+    if looks_like_lmdb or (path / formats.LMDB_DATA_FILE).is_file():
         if not path.exists():
             raise DataError(f"LMDB {text!r} does not exist")
         return LmdbSource(path)
