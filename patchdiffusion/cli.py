@@ -24,7 +24,8 @@ examples:
   patchdiff train --data builtin:textures --resolution 32 steps=2000
   patchdiff train --method patching --patch_size 4 --resolution 64 --run runs/luhman
   patchdiff train --run runs/luhman --resume steps=4000
-  torchrun --nproc_per_node 2 -m patchdiffusion.cli train --run runs/ddp ...
+  torchrun --standalone --nproc_per_node 2 -m patchdiffusion.cli train --run-dir runs/ddp ...
+  (under torchrun write --run-dir: torchrun itself would take --run as its --run-path)
 """
 
 
@@ -210,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=method_names(), help="method (default: full)")
     p.add_argument("--data", help="data source: folder, .zip, .lmdb, or builtin:textures|photos|digits")
     p.add_argument("--resolution", help="training size: N or WxH")
-    p.add_argument("--run", help="run directory (default: runs/METHOD-TIMESTAMP)")
+    p.add_argument("--run", "--run-dir", dest="run", help="run directory (default: runs/METHOD-TIMESTAMP)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run from its last checkpoint")
     p.add_argument("--force", action="store_true", help="start a new run even if --run already holds one")
     p.add_argument("--steps", type=int, help="total optimizer steps (train.steps)")

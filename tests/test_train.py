@@ -145,7 +145,7 @@ def test_ddp_two_processes_match_one(tmp_path):
     torchrun = [
         "torchrun", "--standalone", "--nproc_per_node", "2", "-m", "patchdiffusion.cli", "train", "--no-progress",
     ]
-    result = subprocess.run(torchrun + ["--run", str(double)] + args, env=env, capture_output=True, text=True)
+    result = subprocess.run(torchrun + ["--run-dir", str(double)] + args, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same(weights(single, "net"), weights(double, "net"), atol=1e-5)
     assert_same(weights(single, "ema"), weights(double, "ema"), atol=1e-5)
