@@ -191,6 +191,35 @@ def test_interrupted_conversion_leaves_no_output(tmp_path, suffix):
     assert list(tmp_path.iterdir()) == []
 
 
+class _ReadOnlySource:
+    """A minimal hand-written source: only the read interface, no read_decoded."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def name_of(self, index):
+        return f"img{index}.png"
+
+    def read(self, index):
+        return self.images[index]
+
+    def label_of(self, index):
+        return None
+
+    def close(self):
+        pass
+
+
+def test_convert_accepts_a_hand_written_source(tmp_path):
+    images = [_random_rgb(np.random.default_rng(i), 6, 9) for i in range(2)]
+    summary = convert_dataset(_ReadOnlySource(images), tmp_path / "out", progress=False)
+    assert summary.written == 2
+    assert np.array_equal(FolderSource(tmp_path / "out").read(1), images[1])
+
+
 def test_convert_builtin_keeps_labels(tmp_path):
     convert_dataset("builtin:digits?count=30&seed=4", tmp_path / "digits.zip", resolution=16, progress=False)
     convert_dataset(tmp_path / "digits.zip", tmp_path / "digits.lmdb", progress=False)

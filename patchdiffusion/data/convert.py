@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .base import ImageSource
+from .base import DecodedImage, ImageSource
 from .errors import DataError, UnreadableImageError
 from .sources import open_source
-from .transforms import apply_transform, check_transform, parse_resolution, would_upscale
+from .transforms import apply_transform, check_transform, parse_resolution, to_rgb_uint8, would_upscale
 from .writers import StagedOutput, open_writer
 
 
@@ -117,7 +117,7 @@ def _convert(
         for index in tqdm(range(len(source)), desc=f"converting to {dest.name}", unit="img", disable=not progress):
             name = source.name_of(index)
             try:
-                decoded = source.read_decoded(index)
+                decoded = _read_decoded(source, index)
                 pixels = _fit(decoded.pixels, target, transform, allow_upscale, min_side)
                 label = source.label_of(index)
             except (UnreadableImageError, _TooSmall) as error:
@@ -151,6 +151,13 @@ def _convert(
         resolution=target,
         transform=transform,
     )
+
+
+def _read_decoded(source: ImageSource, index: int) -> DecodedImage:
+    # A hand-written source may offer only `read`; its images then count as stored in RGB.
+    if hasattr(source, "read_decoded"):
+        return source.read_decoded(index)
+    return DecodedImage(pixels=to_rgb_uint8(source.read(index)), stored_mode="RGB")
 
 
 def _fit(
