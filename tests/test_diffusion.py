@@ -514,7 +514,8 @@ def test_dpmpp_2m_matches_vp_form_algorithm():
             D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * prev
         x = sig_vp[i + 1] / sig_vp[i] * x - alpha[i + 1] * math.expm1(-h) * D
         prev = x0
-    torch.testing.assert_close(sample_dpmpp_2m(gaussian_denoiser, x_T, torch.tensor(sigmas, dtype=F64)), x, rtol=1e-10, atol=1e-10)
+    ours = sample_dpmpp_2m(gaussian_denoiser, x_T, torch.tensor(sigmas, dtype=F64))
+    torch.testing.assert_close(ours, x, rtol=1e-10, atol=1e-10)
 
 
 def test_ddim_eta0_is_euler_and_eta1_is_ddpm_small():
@@ -550,7 +551,8 @@ def test_ddpm_variance_options():
     sig_t, sig_s = sch.sigmas[t].item(), sch.sigmas[s].item()
     beta = 1 - a_t / a_s
     assert ddpm_posterior_variance(sig_t, sig_s, "large") == pytest.approx(beta / a_s, rel=1e-10)
-    assert ddpm_posterior_variance(sig_t, sig_s, "small") == pytest.approx(beta * (1 - a_s) / (1 - a_t) / a_s, rel=1e-10)
+    small = beta * (1 - a_s) / (1 - a_t) / a_s
+    assert ddpm_posterior_variance(sig_t, sig_s, "small") == pytest.approx(small, rel=1e-10)
 
 
 def test_ddpm_learned_variance_sampler():
@@ -568,7 +570,8 @@ def test_ddpm_learned_variance_sampler():
     with pytest.raises(ValueError, match="learned"):
         sample_ddpm(gaussian_denoiser, x, sigmas, variance="learned")
     # Other samplers take x0 from a (x0, v) denoiser.
-    torch.testing.assert_close(sample_heun(with_v(0.5), x, edm_sigmas(4)), sample_heun(gaussian_denoiser, x, edm_sigmas(4)))
+    sigmas = edm_sigmas(4)
+    torch.testing.assert_close(sample_heun(with_v(0.5), x, sigmas), sample_heun(gaussian_denoiser, x, sigmas))
 
 
 # ----------------------------------------------------------------------------------------------

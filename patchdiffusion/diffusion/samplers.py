@@ -210,7 +210,8 @@ def sample_ddim(
 def ddpm_posterior_variance(sigma: float, sigma_next: float, variance: str = "small", v: torch.Tensor | None = None):
     """Variance of one DDPM step from sigma to sigma_next < sigma, in VE coordinates.
 
-    - ``small``: the posterior variance beta_tilde (Ho et al. 2020, eq. 7), sigma_s^2 (sigma_t^2 - sigma_s^2) / sigma_t^2;
+    - ``small``: the posterior variance beta_tilde (Ho et al. 2020, eq. 7),
+      sigma_s^2 (sigma_t^2 - sigma_s^2) / sigma_t^2;
     - ``large``: beta' = 1 - alpha_bar_t/alpha_bar_s (Ho et al. 2020, §3.2), i.e.
       (sigma_t^2 - sigma_s^2)(1 + sigma_s^2)/(1 + sigma_t^2);
     - ``learned``: exp(v log small + (1 - v) log large), per element (Nichol & Dhariwal 2021, eq. 15,
