@@ -332,11 +332,15 @@ def test_edm_loss_draws_sigma_per_seed_and_weights():
 
 def test_ddpm_loss_weights_at_points():
     ab = torch.tensor([0.5, 0.8], dtype=F64)  # SNR 1 and 4
-    expect = {
-        "none": [1, 1], "sqrt_snr": [1, 2], "snr": [1, 4], "snr+1": [2, 5], "truncated_snr": [1, 4], "p2": [0.5, 0.2],
-    }  # fmt: skip
+    expect = {"none": [1, 1], "sqrt_snr": [1, 2], "snr": [1, 4], "snr+1": [2, 5], "truncated_snr": [1, 4]}
     for name, values in expect.items():
-        torch.testing.assert_close(ddpm_loss_weight(ab, name), torch.tensor(values, dtype=F64))
+        for prediction in ("eps", "x0", "v"):
+            torch.testing.assert_close(ddpm_loss_weight(ab, name, prediction), torch.tensor(values, dtype=F64))
+    # P2 (Choi et al.): 1/(1 + SNR)^gamma on the eps loss; on the x0 loss Luhman's SNR sqrt(1 - alpha_bar).
+    p2 = lambda pred, gamma=0.5: ddpm_loss_weight(ab, "p2", pred, p2_gamma=gamma)  # noqa: E731
+    torch.testing.assert_close(p2("eps", 1.0), torch.tensor([0.5, 0.2], dtype=F64))
+    torch.testing.assert_close(p2("x0"), ab / (1 - ab) * (1 - ab).sqrt())
+    torch.testing.assert_close(p2("v"), torch.tensor([0.5 / 2**0.5, 0.8 / 5**0.5], dtype=F64))
 
 
 def test_ddpm_loss_targets_and_details():
@@ -380,6 +384,11 @@ def test_ddpm_loss_weightings_relate_the_targets():
     x0_snr1 = DDPMLoss(sch, "x0", weighting="snr+1")(as_x0, images, SampleRNG(seeds))
     torch.testing.assert_close(x0_snr, eps_loss, rtol=1e-6, atol=1e-8)
     torch.testing.assert_close(x0_snr1, v_loss, rtol=1e-6, atol=1e-8)
+    # P2 is defined on the eps loss, and means the same whatever is predicted.
+    p2 = {pred: DDPMLoss(sch, pred, weighting="p2")(net, images, SampleRNG(seeds))
+          for pred, net in (("eps", eps_net), ("x0", as_x0), ("v", as_v))}  # fmt: skip
+    torch.testing.assert_close(p2["x0"], p2["eps"], rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(p2["v"], p2["eps"], rtol=1e-6, atol=1e-8)
 
 
 # ----------------------------------------------------------------------------------------------

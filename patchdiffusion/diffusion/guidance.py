@@ -3,6 +3,9 @@
     D_guided(x; sigma) = D(x; sigma, null) + s (D(x; sigma, c) - D(x; sigma, null))
 
 Scale 1 is the conditional denoiser alone, 0 the unconditional one. Both passes run as one batch.
+Since eps = (x - x0)/sigma is affine in x0 with weights summing to one, guiding x0 is the same as
+guiding eps (ADM, Luhman & Luhman) or v. A denoiser that clips x0 clips each branch before the mix;
+to clip the guided result instead, wrap an unclipped denoiser and clamp afterwards.
 """
 
 from __future__ import annotations

@@ -58,14 +58,25 @@ class EDMLoss:
 _WEIGHTINGS = ("none", "sqrt_snr", "snr", "snr+1", "truncated_snr", "p2")
 
 
-def ddpm_loss_weight(alpha_bar: torch.Tensor, weighting: str, p2_k: float = 1.0, p2_gamma: float = 1.0):
+def ddpm_loss_weight(
+    alpha_bar: torch.Tensor,
+    weighting: str,
+    prediction: str = "x0",
+    p2_k: float = 1.0,
+    p2_gamma: float = 0.5,
+) -> torch.Tensor:
     """Weight of the per-element loss at alpha_bar, with SNR = alpha_bar / (1 - alpha_bar):
 
     - ``none``: 1 (Ho et al. 2020, L_simple);
     - ``snr``: SNR, ``snr+1``: SNR + 1, ``truncated_snr``: max(SNR, 1) (Salimans & Ho 2022, §4: on an
       x0 loss these give the eps loss, the v loss and "truncated SNR" weighting);
     - ``sqrt_snr``: sqrt(SNR) (Luhman & Luhman 2022's weighting of their x0 loss);
-    - ``p2``: 1 / (k + SNR)^gamma (Choi et al. 2022, eq. 8, on an eps loss).
+    - ``p2``: Choi et al. 2022's P2 weighting, 1 / (k + SNR)^gamma on the eps loss (eq. 8), expressed
+      for the loss of ``prediction``: the eps error is sqrt(SNR) times the x0 error and
+      sqrt(SNR / (1 + SNR)) times the v error, so x0 gets SNR / (k + SNR)^gamma (with k = 1,
+      gamma = 1/2 Luhman & Luhman's "p2", SNR sqrt(1 - alpha_bar)) and v gets SNR / (1 + SNR) / (k + SNR)^gamma.
+
+    All but ``p2`` are plain functions of SNR, whatever the prediction.
     """
     s = alpha_bar / (1 - alpha_bar)
     if weighting == "none":
@@ -79,7 +90,8 @@ def ddpm_loss_weight(alpha_bar: torch.Tensor, weighting: str, p2_k: float = 1.0,
     if weighting == "truncated_snr":
         return s.clamp(min=1)
     if weighting == "p2":
-        return (p2_k + s) ** -p2_gamma
+        to_eps = {"eps": torch.ones_like(s), "x0": s, "v": s / (1 + s)}[prediction]
+        return to_eps * (p2_k + s) ** -p2_gamma
     raise ValueError(f"unknown weighting {weighting!r}; choose from {', '.join(_WEIGHTINGS)}")
 
 
@@ -88,7 +100,8 @@ class DDPMLoss:
     x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps, and the raw network
     ``net(x_t, t_float, **cond)`` regresses eps, x0 or v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0.
 
-    The weight (see :func:`ddpm_loss_weight`) multiplies the loss in the prediction's own space.
+    The weight (see :func:`ddpm_loss_weight`) multiplies the loss in the prediction's own space
+    (``p2``, defined on the eps loss, is converted to that space).
     A network with 2C output channels (learned variance) is compared on its first C only; the
     variance term is the method's business, so ``return_details=True`` returns
     ``(loss, {"t", "x_t", "noise", "alpha_bar", "target", "prediction", "output"})`` where
@@ -102,7 +115,7 @@ class DDPMLoss:
         loss_type: str = "l2",
         weighting: str = "none",
         p2_k: float = 1.0,
-        p2_gamma: float = 1.0,
+        p2_gamma: float = 0.5,
     ):
         if prediction not in ("eps", "x0", "v"):
             raise ValueError(f"prediction must be 'eps', 'x0' or 'v', got {prediction!r}")
@@ -124,7 +137,7 @@ class DDPMLoss:
         t = rng.randint(0, self.schedule.num_timesteps).reshape(B).cpu()  # (B,) long
         noise = rng.randn_like(images).to(images.device)
         alpha_bar = self.schedule.alphas_cumprod[t].reshape(shape)  # float64 on the CPU
-        weight = ddpm_loss_weight(alpha_bar, self.weighting, self.p2_k, self.p2_gamma)
+        weight = ddpm_loss_weight(alpha_bar, self.weighting, self.prediction, self.p2_k, self.p2_gamma)
         like = dict(device=images.device, dtype=images.dtype)
         alpha, sigma = alpha_bar.sqrt().to(**like), (1 - alpha_bar).sqrt().to(**like)
         alpha_bar, weight, t = alpha_bar.to(**like), weight.to(**like), t.to(images.device)
