@@ -24,11 +24,24 @@ from patchdiffusion.rng import SampleRNG
 Denoiser = Callable[..., Any]
 
 
+def clipped(denoiser: Denoiser) -> Denoiser:
+    """Clamp the x0 estimate (and pass a variance output through) — applied after guidance, as ADM does."""
+
+    def clipped_denoiser(x, sigma, **cond):
+        out = denoiser(x, sigma, **cond)
+        if isinstance(out, tuple):
+            return (out[0].clamp(-1, 1), *out[1:])
+        return out.clamp(-1, 1)
+
+    return clipped_denoiser
+
+
 class Method(abc.ABC):
     name: ClassVar[str]
     Config: ClassVar[type]
     default_sampler: ClassVar[str] = "heun"
     default_steps: ClassVar[int] = 18
+    clip_denoised: ClassVar[bool] = False  # clamp x0_hat to [-1, 1] after guidance (DDPM's clip_denoised)
 
     def __init__(self, config: Any, resolution: tuple[int, int], image_channels: int = 3):
         self.config = config
@@ -89,6 +102,8 @@ class Method(abc.ABC):
         denoiser = self.denoiser(net)
         if guidance != 1.0:
             denoiser = self.guided(denoiser, guidance)
+        if self.clip_denoised:
+            denoiser = clipped(denoiser)
         x = rng.randn(self.image_channels, height, width) * sigmas[0]
         accepted = inspect.signature(sampler_fn).parameters
         options = {k: v for k, v in {**self.sampler_defaults(sampler), **options}.items() if k in accepted}

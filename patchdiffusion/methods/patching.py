@@ -124,6 +124,7 @@ class PatchingMethod(Method):
     Config = PatchingConfig
     default_sampler = "ddpm"
     default_steps = 250
+    clip_denoised = True
 
     def __init__(self, config, resolution, image_channels=3):
         super().__init__(config, resolution, image_channels)
@@ -171,7 +172,7 @@ class PatchingMethod(Method):
 
     def denoiser(self, net):
         return DiscretePrecond(
-            net, self.schedule, prediction="x0", learned_variance=self.config.net.learn_sigma, clip_x0=True
+            net, self.schedule, prediction="x0", learned_variance=self.config.net.learn_sigma
         )
 
     def sampling_sigmas(self, steps: int) -> torch.Tensor:
