@@ -264,3 +264,21 @@ def test_presets_and_build():
         build_unet("nope")
     assert build_unet("tiny", patch_size=2).config.patch_size == 2
     assert UNetConfig(channel_mult=[1, 2]).channel_mult == (1, 2)  # lists from YAML become tuples
+
+
+def test_patched_flops_match_unpatched_at_internal_size():
+    """METHODS.md section 3, test 7: P=4 at 256x256 costs about what P=1 costs at 64x64 (same widths)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def flops(p: int, side: int) -> int:
+        with torch.device("meta"):
+            net = build_unet(UNetConfig(**TINY), model_channels=32, num_res_blocks=2, patch_size=p,
+                             resolution=side, learn_sigma=True, position_map=True)
+            x, t = torch.randn(2, 3, side, side), torch.rand(2)
+        with FlopCounterMode(display=False) as counter:
+            net(x, t).sum().backward()
+        return counter.get_total_flops()
+
+    base = flops(1, 64)
+    assert 1.0 < flops(4, 256) / base < 1.15  # slightly more: the first conv sees 48 channels, the heads emit 48
+    assert flops(1, 256) / base > 15  # without patching, 16x the pixels
