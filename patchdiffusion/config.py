@@ -283,19 +283,15 @@ def apply_overrides(config: RunConfig, overrides: list[str] | dict[str, Any]) ->
     return run_config_from_dict(values)
 
 
-def parse_resolution(text: str | int | tuple) -> tuple[int, int]:
-    """'64' -> (64, 64); '128x64' (width x height) -> (64, 128); returns (height, width)."""
+def parse_resolution(text: str | int | tuple | list) -> tuple[int, int]:
+    """'64' -> (64, 64); '128x64' (width x height) -> (64, 128). Returns (height, width); a pair is
+    taken as (height, width) already, as config.yaml stores it."""
+    from patchdiffusion.data.transforms import parse_resolution as parse_width_height
+
     if isinstance(text, (tuple, list)) and len(text) == 2:
         return (int(text[0]), int(text[1]))
-    if isinstance(text, int):
-        return (text, text)
-    parts = str(text).lower().split("x")
     try:
-        if len(parts) == 1:
-            side = int(parts[0])
-            return (side, side)
-        if len(parts) == 2:
-            return (int(parts[1]), int(parts[0]))
+        width, height = parse_width_height(text)
     except ValueError:
-        pass
-    raise ConfigError(f"resolution '{text}' is not of the form N or WxH (e.g. 64 or 128x64)")
+        raise ConfigError(f"resolution '{text}' is not of the form N or WxH (e.g. 64 or 128x64)") from None
+    return (height, width)

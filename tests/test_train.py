@@ -1,5 +1,6 @@
 """The training loop: loss goes down, exact resume, safe checkpoints, NaN stop, DDP == 1 process."""
 
+import math
 import os
 import shutil
 import subprocess
@@ -122,7 +123,7 @@ def test_nan_loss_stops_with_clear_message(tmp_path, monkeypatch):
 def test_loss_goes_down(tmp_path):
     """Last-10% mean loss at least 30% below the first-10% mean on built-in textures."""
     config = tiny_config(
-        "train.steps=150", "train.lr=2e-3", "train.batch_size=8", "train.warmup_steps=10",
+        "train.steps=80", "train.lr=2e-3", "train.batch_size=8", "train.warmup_steps=10",
         "model.net.model_channels=32",
     )
     train(config, tmp_path, progress=False, log=lambda *a: None)
@@ -149,3 +150,34 @@ def test_ddp_two_processes_match_one(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same(weights(single, "net"), weights(double, "net"), atol=1e-5)
     assert_same(weights(single, "ema"), weights(double, "ema"), atol=1e-5)
+
+
+def test_interrupt_writes_a_checkpoint(tmp_path, monkeypatch):
+    """Ctrl-C mid-run saves the steps done so far, so --resume loses nothing."""
+    from patchdiffusion.methods.full import FullImageMethod
+
+    real_loss = FullImageMethod.loss
+    calls = {"n": 0}
+
+    def interrupted_loss(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_loss(self, *args)
+
+    monkeypatch.setattr(FullImageMethod, "loss", interrupted_loss)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config("train.steps=10", "train.checkpoint_every=100"), tmp_path, progress=False, log=lambda *a: None)
+    assert runs.latest_checkpoint(tmp_path).step == 3
+
+
+def test_bf16_autocast_on_cpu(tmp_path):
+    result = train(tiny_config("train.steps=2", "train.precision=bf16"), tmp_path, progress=False, log=lambda *a: None)
+    assert result.step == 2 and math.isfinite(result.last_loss)
+
+
+def test_fp16_on_cpu_is_refused(tmp_path):
+    from patchdiffusion.config import ConfigError
+
+    with pytest.raises(ConfigError, match="fp16 needs CUDA"):
+        train(tiny_config("train.steps=1", "train.precision=fp16"), tmp_path, progress=False, log=lambda *a: None)
