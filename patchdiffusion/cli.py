@@ -133,6 +133,7 @@ def cmd_sample(args, extra: list[str]) -> int:
         args.run, out, num=args.num, seed=args.seed, batch_size=args.batch, sampler=args.sampler,
         steps=args.steps, guidance=args.guidance, class_label=args.class_label, height=height, width=width,
         device=args.device, use_ema=not args.no_ema, progress=not args.no_progress,
+        S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max, S_noise=args.S_noise, eta=args.eta,
     )
     print(f"wrote {len(paths)} images and grid.png to {out}")
     return 0
@@ -228,6 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", help="heun | euler | ddim | ddpm | dpmpp_2m (default: the method's)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the method's)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (class-conditional models)")
+    p.add_argument("--S_churn", type=float, help="EDM stochasticity (heun/euler), e.g. 40")
+    p.add_argument("--S_min", type=float, help="churn only for sigma >= S_min")
+    p.add_argument("--S_max", type=float, help="churn only for sigma <= S_max")
+    p.add_argument("--S_noise", type=float, help="noise inflation of the churn, e.g. 1.003")
+    p.add_argument("--eta", type=float, help="DDIM stochasticity (0 = deterministic)")
     p.add_argument("--class", dest="class_label", type=int, help="class label to generate")
     p.add_argument("--size", help="canvas size N or WxH (default: the training size)")
     p.add_argument("--batch", type=int, default=16, help="images per batch (memory), does not change results")

@@ -54,8 +54,11 @@ def generate_images(
     device: str = "auto",
     use_ema: bool = True,
     progress: bool = True,
+    **sampler_options: float,
 ) -> list[Path]:
-    """Write `num` PNGs (seed, seed+1, ...) and grid.png into out_dir; image i depends on its seed only."""
+    """Write `num` PNGs (seed, seed+1, ...) and grid.png into out_dir; image i depends on its seed only.
+
+    `sampler_options` (S_churn, S_min, S_max, S_noise, eta) override the run's sample settings."""
     if num < 1:
         raise ConfigError("--num must be at least 1")
     device = resolve_device(device)
@@ -75,7 +78,7 @@ def generate_images(
             labels = torch.full((count,), int(class_label), dtype=torch.long)
         images = sample_with(
             loaded.method, loaded.net, loaded.config, count, seed0=seed + start, device=device, labels=labels,
-            sampler=sampler, steps=steps, guidance=guidance, height=height, width=width,
+            sampler=sampler, steps=steps, guidance=guidance, height=height, width=width, **sampler_options,
         )
         for i, image in enumerate(to_uint8(images)):
             paths.append(save_png(image, out_dir / f"{seed + start + i:06d}.png"))
