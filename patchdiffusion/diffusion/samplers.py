@@ -82,6 +82,30 @@ def _churn(x, sigma, num_steps, S_churn, S_min, S_max, S_noise, noise_fn):
 # dx/dsigma = (x - D(x; sigma)) / sigma, eq. 1 / Table 1).
 
 
+def _edm_sample(denoiser, x, sigmas, extra_args, noise_fn, callback, progress, churn, second_order):
+    """EDM Algorithm 2; `second_order=False` drops the Heun correction (lines 9-11), giving Euler."""
+    extra_args = extra_args or {}
+    sigmas = _sigma_list(sigmas)
+    num_steps = len(sigmas) - 1
+    for i in _steps(num_steps, progress):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        # Increase noise temporarily (lines 4-6).
+        x_hat, sigma_hat = _churn(x, sigma, num_steps, *churn, noise_fn)
+        # Euler step (lines 7-8).
+        denoised, _ = _denoise(denoiser, x_hat, sigma_hat, extra_args)
+        d = (x_hat - denoised) / sigma_hat
+        if callback is not None:
+            callback(dict(i=i, x=x, sigma=sigma, sigma_hat=sigma_hat, denoised=denoised))
+        x_next = x_hat + (sigma_next - sigma_hat) * d
+        # Apply 2nd order correction (lines 9-11), unless this step lands on sigma = 0.
+        if second_order and sigma_next != 0:
+            denoised_next, _ = _denoise(denoiser, x_next, sigma_next, extra_args)
+            d_prime = (x_next - denoised_next) / sigma_next
+            x_next = x_hat + (sigma_next - sigma_hat) * (0.5 * d + 0.5 * d_prime)
+        x = x_next
+    return x
+
+
 @torch.no_grad()
 def sample_euler(
     denoiser,
@@ -99,20 +123,8 @@ def sample_euler(
 ) -> torch.Tensor:
     """Euler's method on the probability-flow ODE: EDM Algorithm 2 without the 2nd-order
     correction (lines 9-11), with the same optional churn (lines 4-6)."""
-    extra_args = extra_args or {}
-    sigmas = _sigma_list(sigmas)
-    num_steps = len(sigmas) - 1
-    for i in _steps(num_steps, progress):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        # Increase noise temporarily.
-        x_hat, sigma_hat = _churn(x, sigma, num_steps, S_churn, S_min, S_max, S_noise, noise_fn)
-        # Euler step.
-        denoised, _ = _denoise(denoiser, x_hat, sigma_hat, extra_args)
-        d = (x_hat - denoised) / sigma_hat
-        if callback is not None:
-            callback(dict(i=i, x=x, sigma=sigma, sigma_hat=sigma_hat, denoised=denoised))
-        x = x_hat + (sigma_next - sigma_hat) * d
-    return x
+    churn = (S_churn, S_min, S_max, S_noise)
+    return _edm_sample(denoiser, x, sigmas, extra_args, noise_fn, callback, progress, churn, second_order=False)
 
 
 @torch.no_grad()
@@ -132,26 +144,8 @@ def sample_heun(
 ) -> torch.Tensor:
     """EDM's stochastic sampler (Karras et al. 2022, Algorithm 2); with S_churn = 0 it is the
     deterministic Heun sampler of Algorithm 1. The last step, to sigma = 0, is a plain Euler step."""
-    extra_args = extra_args or {}
-    sigmas = _sigma_list(sigmas)
-    num_steps = len(sigmas) - 1
-    for i in _steps(num_steps, progress):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        # Increase noise temporarily (lines 4-6).
-        x_hat, sigma_hat = _churn(x, sigma, num_steps, S_churn, S_min, S_max, S_noise, noise_fn)
-        # Euler step (lines 7-8).
-        denoised, _ = _denoise(denoiser, x_hat, sigma_hat, extra_args)
-        d = (x_hat - denoised) / sigma_hat
-        if callback is not None:
-            callback(dict(i=i, x=x, sigma=sigma, sigma_hat=sigma_hat, denoised=denoised))
-        x_next = x_hat + (sigma_next - sigma_hat) * d
-        # Apply 2nd order correction (lines 9-11), unless this step lands on sigma = 0.
-        if sigma_next != 0:
-            denoised_next, _ = _denoise(denoiser, x_next, sigma_next, extra_args)
-            d_prime = (x_next - denoised_next) / sigma_next
-            x_next = x_hat + (sigma_next - sigma_hat) * (0.5 * d + 0.5 * d_prime)
-        x = x_next
-    return x
+    churn = (S_churn, S_min, S_max, S_noise)
+    return _edm_sample(denoiser, x, sigmas, extra_args, noise_fn, callback, progress, churn, second_order=True)
 
 
 # ----------------------------------------------------------------------------------------------
