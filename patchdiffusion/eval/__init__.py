@@ -1,0 +1,37 @@
+"""Evaluation: FID, KID, IS and precision/recall on the standard Inception features; SWD and seam score.
+
+    from patchdiffusion.eval import EvalOptions, evaluate, make_reference
+    make_reference("datasets/celeba-64.zip", "refs/celeba-64.npz", inception="pt_inception-2015-12-05-6726825d.pth")
+    report = evaluate("runs/luhman", "refs/celeba-64.npz", EvalOptions(metrics=("fid",), num=10000))
+    print(report.table()); report.write_json("eval.json")
+
+Modules, one job each:
+    inception.py          the 2015-12-05 Inception-v3 graph in plain torch (pytorch-fid's key layout)
+    detectors.py          weights files (pytorch-fid state dict, TorchScript, EDM pickle) and their pipelines
+    features.py           batched feature extraction on CPU or CUDA
+    frechet.py            Gaussian statistics and the Fréchet distance (FID)
+    kid.py                Kernel Inception Distance (unbiased MMD², polynomial kernel, subsets)
+    inception_score.py    Inception Score (10 splits)
+    precision_recall.py   improved precision and recall (k-NN balls, k=3)
+    swd.py                sliced Wasserstein distance on Laplacian-pyramid patches (ProGAN)
+    seam.py               seam score of images assembled from tiles
+    inputs.py             image sets: data sources, or a run directory generating its images
+    reference.py          reference statistics .npz (EDM's mu/sigma plus features)
+    evaluate.py           every metric in one pass over each set; the report (table, JSON)
+    monitor.py            SWDMonitor: a cheap metric for the training loop
+    cli.py                `patchdiff eval` and `patchdiff eval ref`
+"""
+
+from .detectors import (
+    ENV_VAR,
+    InceptionDetector,
+    InceptionOutputs,
+    PytorchFIDDetector,
+    TorchScriptDetector,
+    find_inception_file,
+    load_inception,
+    missing_weights_message,
+)
+from .errors import EvalError
+from .features import InceptionFeatures, extract_features
+from .inception import FEATURE_DIM, NUM_CLASSES, InceptionV3, build_inception
