@@ -35,3 +35,7 @@ from .detectors import (
 from .errors import EvalError
 from .features import InceptionFeatures, extract_features
 from .inception import FEATURE_DIM, NUM_CLASSES, InceptionV3, build_inception
+from .frechet import GaussianStatistics, feature_statistics, frechet_distance, frechet_distance_between
+from .inception_score import InceptionScoreResult, inception_score
+from .kid import KIDResult, kernel_inception_distance, mmd2_unbiased
+from .precision_recall import PrecisionRecall, precision_recall
