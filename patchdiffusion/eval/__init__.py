@@ -39,3 +39,6 @@ from .frechet import GaussianStatistics, feature_statistics, frechet_distance, f
 from .inception_score import InceptionScoreResult, inception_score
 from .kid import KIDResult, kernel_inception_distance, mmd2_unbiased
 from .precision_recall import PrecisionRecall, precision_recall
+from .monitor import SWDMonitor
+from .seam import SeamScore, seam_score
+from .swd import SWDResult, sliced_wasserstein_distance
