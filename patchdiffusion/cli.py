@@ -259,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_data, data_parser=p)
 
+    from patchdiffusion.eval.cli import register as register_eval
+
+    register_eval(sub)
+
     p = sub.add_parser("config", help="print a method's default config (every key) as YAML")
     p.add_argument("--method", default="full", choices=method_names())
     p.set_defaults(func=cmd_config)

@@ -6,7 +6,6 @@ No real weights exist here, so a randomly initialised network is saved in each s
 import io
 import pickle
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -100,14 +99,6 @@ def test_state_dict_has_the_pytorch_fid_layout():
     assert all(module.eps == 1e-3 for module in net.modules() if isinstance(module, torch.nn.BatchNorm2d))
 
 
-def test_output_shapes_are_2048_and_1008():
-    net = build_inception(seed=0)
-    with torch.no_grad():
-        features, logits = net(torch.rand(1, 3, 299, 299) * 2 - 1)
-    assert features.shape == (1, 2048) and logits.shape == (1, 1008)
-    assert torch.isfinite(features).all() and features.std() > 0  # a random net still tells pixels apart
-
-
 # ------------------------------------------------------------------------------------------------
 # Weights files in every accepted format, made from one random network.
 
@@ -175,17 +166,26 @@ def test_state_dict_formats_load_the_same_weights(weights):
         assert all(torch.equal(loaded[k], expected[k]) for k in expected if not k.endswith("num_batches_tracked"))
 
 
-def test_torchscript_and_state_dict_paths_give_the_same_features(weights):
+def test_network_outputs_and_both_pipelines_agree(weights):
+    """Output widths 2048 / 1008, pytorch-fid's pipeline step by step, and the TorchScript path on the same weights."""
     net, files = weights
-    images = torch.randint(0, 256, (2, 3, 32, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    from_state = load_inception(files["state_dict"])(images, with_class_probs=True)
+    image = torch.randint(0, 256, (1, 3, 32, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    x = F.interpolate(image.float() / 255, size=(299, 299), mode="bilinear", align_corners=False) * 2 - 1
+    with torch.no_grad():
+        features, logits = net(x)
+    assert features.shape == (1, 2048) and logits.shape == (1, 1008)
+    assert torch.isfinite(features).all() and features.std() > 0  # a random net still tells pixels apart
+
+    from_state = load_inception(files["state_dict"])(image, with_class_probs=True)
+    torch.testing.assert_close(from_state.features, features, rtol=1e-4, atol=1e-4)
+    expected_probs = torch.softmax(logits - net.fc.bias, dim=1)  # IS uses the logits without the output bias
+    torch.testing.assert_close(from_state.class_probs, expected_probs, rtol=1e-4, atol=1e-6)
+
     scripted = load_inception(files["torchscript"])
     assert isinstance(scripted, TorchScriptDetector) and "TorchScript" in scripted.pipeline
-    from_script = scripted(images, with_class_probs=True)
-    assert from_state.features.shape == (2, 2048) and from_state.class_probs.shape == (2, 1008)
+    from_script = scripted(image, with_class_probs=True)
     torch.testing.assert_close(from_script.features, from_state.features, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(from_script.class_probs, from_state.class_probs, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(from_state.class_probs.sum(dim=1), torch.ones(2, dtype=torch.float32))
 
 
 def test_edm_style_pickle_loads_as_a_torchscript_detector(weights):
@@ -234,12 +234,3 @@ def test_weights_file_is_found_from_flag_environment_or_cache(tmp_path, monkeypa
     monkeypatch.setenv(ENV_VAR, str(tmp_path / "missing.pth"))
     with pytest.raises(EvalError, match=ENV_VAR):
         find_inception_file(None)
-
-
-def test_random_detector_features_tell_images_apart(weights):
-    _, files = weights
-    detector = load_inception(files["state_dict"])
-    dark = torch.zeros(1, 3, 16, 16, dtype=torch.uint8)
-    light = torch.full((1, 3, 16, 16), 200, dtype=torch.uint8)
-    features = detector(torch.cat([dark, light])).features.numpy()
-    assert np.abs(features[0] - features[1]).max() > 1e-3

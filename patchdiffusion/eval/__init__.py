@@ -33,12 +33,58 @@ from .detectors import (
     missing_weights_message,
 )
 from .errors import EvalError
+from .evaluate import METRICS, EvalOptions, EvalReport, MetricResult, evaluate, make_reference, parse_metrics
 from .features import InceptionFeatures, extract_features
-from .inception import FEATURE_DIM, NUM_CLASSES, InceptionV3, build_inception
 from .frechet import GaussianStatistics, feature_statistics, frechet_distance, frechet_distance_between
+from .inception import FEATURE_DIM, NUM_CLASSES, InceptionV3, build_inception
 from .inception_score import InceptionScoreResult, inception_score
 from .kid import KIDResult, kernel_inception_distance, mmd2_unbiased
-from .precision_recall import PrecisionRecall, precision_recall
 from .monitor import SWDMonitor
+from .precision_recall import PrecisionRecall, precision_recall
+from .reference import ReferenceFile, load_reference, save_reference
 from .seam import SeamScore, seam_score
 from .swd import SWDResult, sliced_wasserstein_distance
+
+__all__ = [
+    "ENV_VAR",
+    "FEATURE_DIM",
+    "METRICS",
+    "NUM_CLASSES",
+    "EvalError",
+    "EvalOptions",
+    "EvalReport",
+    "GaussianStatistics",
+    "InceptionDetector",
+    "InceptionFeatures",
+    "InceptionOutputs",
+    "InceptionScoreResult",
+    "InceptionV3",
+    "KIDResult",
+    "MetricResult",
+    "PrecisionRecall",
+    "PytorchFIDDetector",
+    "ReferenceFile",
+    "SWDMonitor",
+    "SWDResult",
+    "SeamScore",
+    "TorchScriptDetector",
+    "build_inception",
+    "evaluate",
+    "extract_features",
+    "feature_statistics",
+    "find_inception_file",
+    "frechet_distance",
+    "frechet_distance_between",
+    "inception_score",
+    "kernel_inception_distance",
+    "load_inception",
+    "load_reference",
+    "make_reference",
+    "missing_weights_message",
+    "mmd2_unbiased",
+    "parse_metrics",
+    "precision_recall",
+    "save_reference",
+    "seam_score",
+    "sliced_wasserstein_distance",
+]

@@ -269,5 +269,5 @@ def check_state_dict(state: dict, net: InceptionV3, path: Path | str = "state di
 
 
 def random_inception_detector(seed: int = 0, path: str = "<random weights>") -> PytorchFIDDetector:
-    """A randomly initialised network with the pytorch-fid pipeline (for tests and benchmarks; its numbers mean nothing)."""
+    """A randomly initialised network with the pytorch-fid pipeline, for tests and benchmarks (numbers mean nothing)."""
     return PytorchFIDDetector(build_inception(seed), Path(path))

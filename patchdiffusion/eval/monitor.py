@@ -46,10 +46,11 @@ class SWDMonitor:
         self.directions = directions
         reference = to_uint8_images(reference_images[:num_images])
         self.image_size = tuple(reference.shape[2:])
-        self.reference = self._collect(reference)
+        # The reference is compared at every call: its sorted projections are computed once and kept.
+        self.reference = self._collect(reference, keep_projections=True)
 
-    def _collect(self, images: torch.Tensor) -> SWDDescriptors:
-        collector = SWDDescriptors(self.seed, self.patches_per_image)
+    def _collect(self, images: torch.Tensor, keep_projections: bool = False) -> SWDDescriptors:
+        collector = SWDDescriptors(self.seed, self.patches_per_image, keep_projections)
         collector.add(images)
         return collector
 

@@ -39,6 +39,7 @@ class SeamScore:
 
 
 REFERENCE_BAND = 2  # interior pairs compared with a boundary: up to this many pairs away from it
+SEAM_PROTOCOL = "mean |pixel step| across tile boundaries / the same within 2 pixels beside them (1.0 = seamless)"
 
 
 def pair_classes(

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .errors import EvalError
 
@@ -35,6 +34,10 @@ DEFAULT_PATCHES_PER_IMAGE = 128
 DEFAULT_DIRECTIONS = 512  # total projection directions
 DIRECTIONS_PER_DRAW = 128  # directions drawn (and sorted) at a time, which bounds memory
 REPORT_SCALE = 1e3  # SWD values are reported x 10^3
+SWD_PROTOCOL = (
+    "ProGAN (Karras et al. 2018): Laplacian pyramid down to 16x16, 128 random 7x7 patches per image and level, "
+    "each set normalised per channel, 512 random directions; values x10^3"
+)
 
 _BINOMIAL_TAPS = (1 / 16, 4 / 16, 6 / 16, 4 / 16, 1 / 16)
 
@@ -78,7 +81,8 @@ def laplacian_pyramid(images: torch.Tensor) -> list[torch.Tensor]:
     """Band-pass levels of (B, C, H, W) float images, finest first; the last level is the low-pass image."""
     sides = pyramid_sides(images.shape[2], images.shape[3])
     if not sides:
-        raise EvalError(f"SWD needs images of at least {MIN_LEVEL_SIDE}x{MIN_LEVEL_SIDE}, got {tuple(images.shape[2:])}")
+        side = MIN_LEVEL_SIDE
+        raise EvalError(f"SWD needs images of at least {side}x{side}, got {tuple(images.shape[2:])} (H, W)")
     gaussians = [images]
     for _ in sides[1:]:
         gaussians.append(pyramid_down(gaussians[-1]))
@@ -117,14 +121,22 @@ class SWDDescriptors:
         for batch in batches:             # uint8 (B, 3, H, W), every image the same size
             collector.add(batch)
         descriptors = collector.levels()   # one (N * P, 147) float16 tensor per level, finest first
+
+    keep_projections: remember the sorted projections computed for a comparison, so a set that is
+    compared again and again (the training monitor's reference) is projected and sorted only once.
+    They take 512 floats per descriptor, so this is off for one-off evaluations of large sets.
     """
 
-    def __init__(self, seed: int = 0, patches_per_image: int = DEFAULT_PATCHES_PER_IMAGE):
+    def __init__(self, seed: int = 0, patches_per_image: int = DEFAULT_PATCHES_PER_IMAGE,
+                 keep_projections: bool = False):
         self.seed = seed
         self.patches_per_image = patches_per_image
+        self.keep_projections = keep_projections
         self.image_size: tuple[int, int] | None = None  # (H, W)
         self.num_images = 0
-        self._levels: list[list[torch.Tensor]] = []
+        self._parts: list[list[torch.Tensor]] = []
+        self._normalised: dict[int, torch.Tensor] = {}
+        self._sorted: dict[tuple, torch.Tensor] = {}
 
     @torch.no_grad()
     def add(self, images: torch.Tensor) -> None:
@@ -132,22 +144,49 @@ class SWDDescriptors:
         size = (images.shape[2], images.shape[3])
         if self.image_size is None:
             self.image_size = size
-            self._levels = [[] for _ in pyramid_sides(*size)]
+            self._parts = [[] for _ in pyramid_sides(*size)]
         elif size != self.image_size:
             raise EvalError(f"SWD needs images of one size; got {size} after {self.image_size}")
         indices = torch.arange(self.num_images, self.num_images + len(images))
         for level_index, level in enumerate(laplacian_pyramid(images.float())):
             corners = patch_positions(self.seed, level_index, indices, self.patches_per_image, *level.shape[2:])
-            self._levels[level_index].append(extract_patches(level, corners).to("cpu", torch.float16))
+            self._parts[level_index].append(extract_patches(level, corners).to("cpu", torch.float16))
         self.num_images += len(images)
+        self._normalised.clear()
+        self._sorted.clear()
 
     def levels(self) -> list[torch.Tensor]:
         """Descriptors per level, finest first: (num_images * patches_per_image, 147) float16."""
-        return [torch.cat(parts) for parts in self._levels]
+        return [torch.cat(parts) for parts in self._parts]
 
     def level_sides(self) -> list[int]:
         """The shorter side of every level, finest first (the 'resolution' SWD levels are named by)."""
         return [min(side) for side in pyramid_sides(*self.image_size)] if self.image_size else []
+
+    def normalised(self, level_index: int) -> torch.Tensor:
+        """Descriptors of one level, normalised per channel over this set (float32)."""
+        if level_index not in self._normalised:
+            self._normalised[level_index] = normalise_descriptors(torch.cat(self._parts[level_index]))
+        return self._normalised[level_index]
+
+    def sorted_projections(self, level_index: int, draw: int, unit: torch.Tensor, key: tuple) -> torch.Tensor:
+        """Normalised descriptors of a level projected onto `unit` (d, K) and sorted: (K, N)."""
+        cache_key = (level_index, draw) + key
+        if cache_key in self._sorted:
+            return self._sorted[cache_key]
+        projections = _sorted_projections(self.normalised(level_index), unit)
+        if self.keep_projections:
+            self._sorted[cache_key] = projections
+        return projections
+
+    def done_with(self, level_index: int) -> None:
+        """After a comparison of one level: free its float32 copy unless this set is compared again."""
+        if not self.keep_projections:
+            self._normalised.pop(level_index, None)
+
+    @property
+    def descriptor_dim(self) -> int:
+        return self._parts[0][0].shape[1] if self._parts and self._parts[0] else 0
 
 
 def normalise_descriptors(descriptors: torch.Tensor, channels: int = 3) -> torch.Tensor:
@@ -158,18 +197,24 @@ def normalise_descriptors(descriptors: torch.Tensor, channels: int = 3) -> torch
     return ((x - mean) / std).view(len(descriptors), -1)
 
 
+def direction_draws(dim: int, directions: int = DEFAULT_DIRECTIONS, seed: int = 0) -> list[torch.Tensor]:
+    """`directions` random unit vectors in R^dim, in draws of up to 128: a list of (dim, K) tensors."""
+    generator = torch.Generator().manual_seed(seed)
+    draws = []
+    for start in range(0, directions, DIRECTIONS_PER_DRAW):
+        unit = torch.randn(dim, min(DIRECTIONS_PER_DRAW, directions - start), generator=generator)
+        draws.append(unit / unit.norm(dim=0, keepdim=True))
+    return draws
+
+
 def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, directions: int = DEFAULT_DIRECTIONS,
                        seed: int = 0) -> float:
     """Sliced Wasserstein-1 distance between two equally sized sets of vectors (rows of a and b)."""
     if a.shape != b.shape:
         raise EvalError(f"sliced Wasserstein needs sets of equal shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    generator = torch.Generator().manual_seed(seed)
     distances = []
-    for start in range(0, directions, DIRECTIONS_PER_DRAW):
-        count = min(DIRECTIONS_PER_DRAW, directions - start)
-        unit = torch.randn(a.shape[1], count, generator=generator)
-        unit = (unit / unit.norm(dim=0, keepdim=True)).to(a)
-        sorted_a, sorted_b = _sorted_projections(a, unit), _sorted_projections(b, unit)
+    for unit in direction_draws(a.shape[1], directions, seed):
+        sorted_a, sorted_b = _sorted_projections(a, unit.to(a)), _sorted_projections(b, unit.to(b))
         distances.append((sorted_a - sorted_b).abs().mean(dim=1))
     return float(torch.cat(distances).mean())
 
@@ -178,8 +223,10 @@ def _sorted_projections(vectors: torch.Tensor, directions: torch.Tensor) -> torc
     """Projections of the rows onto each direction, sorted: (N, d) x (d, K) -> (K, N)."""
     projected = directions.T @ vectors.T  # (K, N): each sort runs over contiguous memory
     if projected.device.type == "cpu":
-        # numpy's vectorised (AVX-512) sort is several times faster than torch.sort on CPU.
-        return torch.from_numpy(np.sort(projected.numpy(), axis=1))
+        # numpy's vectorised (AVX-512) sort is several times faster than torch.sort on CPU;
+        # `projected` is a fresh tensor, so it is sorted in place through its numpy view.
+        projected.numpy().sort(axis=1)
+        return projected
     return torch.sort(projected, dim=1).values
 
 
@@ -209,9 +256,23 @@ def swd_between(first: SWDDescriptors, second: SWDDescriptors, directions: int =
     if first.num_images == 0:
         raise EvalError("SWD got no images")
     values = {}
-    for level_index, (side, a, b) in enumerate(zip(first.level_sides(), first.levels(), second.levels())):
-        a, b = _equal_counts(normalise_descriptors(a), normalise_descriptors(b), seed + level_index)
-        values[side] = REPORT_SCALE * sliced_wasserstein(a, b, directions, seed=seed + level_index)
+    for level_index, side in enumerate(first.level_sides()):
+        level_seed = seed + level_index
+        if first.num_images == second.num_images and first.patches_per_image == second.patches_per_image:
+            # Equal descriptor counts: sort each set's projections (cached for a set compared repeatedly).
+            distances = []
+            for draw, unit in enumerate(direction_draws(first.descriptor_dim, directions, level_seed)):
+                key = (directions, level_seed)
+                a = first.sorted_projections(level_index, draw, unit, key)
+                b = second.sorted_projections(level_index, draw, unit, key)
+                distances.append((a - b).abs().mean(dim=1))
+            distance = float(torch.cat(distances).mean())
+        else:
+            a, b = _equal_counts(first.normalised(level_index), second.normalised(level_index), level_seed)
+            distance = sliced_wasserstein(a, b, directions, seed=level_seed)
+        first.done_with(level_index)
+        second.done_with(level_index)
+        values[side] = REPORT_SCALE * distance
     return SWDResult(values, float(np.mean(list(values.values()))), (first.num_images, second.num_images),
                      first.patches_per_image)
 
