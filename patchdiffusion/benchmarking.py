@@ -11,6 +11,7 @@ from patchdiffusion.config import ConfigError
 # name -> (module under benchmarks/, one-line description)
 BENCHMARKS = {
     "unet-patching": ("unet_patching", "U-Net forward+backward time: patch_size 4 at 256² vs 1 at 64² (Luhman)"),
+    "feature-extraction": ("feature_extraction", "evaluation throughput: Inception features and SWD/seam, images/s"),
 }
 
 
