@@ -209,7 +209,7 @@ def plot(report: dict, path: str) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="patchdiff bench unet-patching", description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     parser.add_argument("--repeats", type=int, default=11, help="timed repeats per case (median reported)")
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
     s = report["summary"]
     print(f"a/b: wall time {s['time_ratio_a_over_b']:.3f} (target <= 1.25), CPU time {s['cpu_time_ratio_a_over_b']:.3f}, "
           f"FLOPs {s['flops_ratio_a_over_b']:.3f}")
-    return report
+    return 0 if s["time_ratio_a_over_b"] <= 1.25 else 1
 
 
 if __name__ == "__main__":
