@@ -58,6 +58,8 @@ class TrainConfig:
     keep_checkpoints: int = 2            # how many recent checkpoints to keep on disk
     sample_every: int = 0                # steps between sample grids (0 = only at the end)
     sample_images: int = 16              # images in each in-training sample grid
+    metric_every: int = 0                # steps between in-training SWD checks (0 = off; costs a sampling run)
+    metric_images: int = 256             # images generated (and real images compared) for each SWD check
 
 
 @dataclass

@@ -302,6 +302,29 @@ def train(
         if dist_info.enabled:
             torch.distributed.barrier()
 
+    monitor = None
+
+    def measure_now() -> None:
+        """Cheap in-training quality: SWD of EMA samples against real images (opt-in, rank 0)."""
+        nonlocal monitor
+        if dist_info.is_main:
+            if monitor is None:
+                from patchdiffusion.eval.monitor import SWDMonitor
+
+                count = min(cfg.metric_images, len(dataset))
+                reference = torch.stack([dataset[i * len(dataset) // count][0] for i in range(count)])
+                monitor = SWDMonitor(reference, num_images=count, seed=cfg.seed)
+            images = torch.cat([
+                sample_with(method, ema, config, min(64, monitor.num_images - start), seed0=start, device=device)
+                for start in range(0, monitor.num_images, 64)
+            ])
+            metrics = monitor(images)
+            runs.append_metrics(run_dir, {"step": step, "images_seen": images_seen, **metrics})
+            for name, value in metrics.items():
+                writer.add_scalar(f"metrics/{name}", value, step)
+        if dist_info.enabled:
+            torch.distributed.barrier()
+
     start_step, start_time = step, time.time()
     last_loss, stopped_early = float("nan"), False
     bar = None
@@ -373,6 +396,8 @@ def train(
                 checkpoint_now()
             if cfg.sample_every > 0 and step % cfg.sample_every == 0 and step < cfg.steps:
                 sample_grid_now()
+            if cfg.metric_every > 0 and step % cfg.metric_every == 0:
+                measure_now()
     except KeyboardInterrupt:
         if bar is not None:
             bar.close()
@@ -410,29 +435,47 @@ def sample_with(method, net, config: RunConfig, num: int, seed0: int, device, la
         net.train(was_training)
 
 
+def _moving_mean(values: list[float], window: int) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
 def plot_loss(run_dir: str | Path) -> Path | None:
-    """loss.png from metrics.jsonl (raw and smoothed)."""
+    """loss.png from metrics.jsonl: the loss (raw and smoothed), and the in-training SWD beside it."""
     rows = runs.read_metrics(run_dir)
-    rows = [r for r in rows if "loss" in r and math.isfinite(r["loss"])]
-    if len(rows) < 2:
+    loss_rows = [r for r in rows if "loss" in r and math.isfinite(r["loss"])]
+    swd_rows = [r for r in rows if "swd" in r]
+    if len(loss_rows) < 2:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [r["step"] for r in rows]
-    losses = [r["loss"] for r in rows]
+    panels = 2 if swd_rows else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 3.5), dpi=100, squeeze=False)
+    ax = axes[0][0]
+    steps = [r["step"] for r in loss_rows]
+    losses = [r["loss"] for r in loss_rows]
     window = max(1, len(losses) // 20)
-    smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1]) for i in range(len(losses))]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.plot(steps, losses, alpha=0.35, label="loss")
-    ax.plot(steps, smooth, label=f"moving mean ({window})")
+    ax.plot(steps, _moving_mean(losses, window), label=f"moving mean ({window})")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
+    if swd_rows:
+        ax = axes[0][1]
+        ax.plot([r["step"] for r in swd_rows], [r["swd"] for r in swd_rows], marker="o")
+        ax.set_xlabel("step")
+        ax.set_ylabel("SWD x1e3 (EMA samples vs real)")
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(run_dir) / "loss.png"
     fig.savefig(path)

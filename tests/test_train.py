@@ -181,3 +181,12 @@ def test_fp16_on_cpu_is_refused(tmp_path):
 
     with pytest.raises(ConfigError, match="fp16 needs CUDA"):
         train(tiny_config("train.steps=1", "train.precision=fp16"), tmp_path, progress=False, log=lambda *a: None)
+
+
+def test_in_training_swd_is_logged_and_plotted(tmp_path):
+    train(tiny_config("train.steps=2", "train.metric_every=1", "train.metric_images=8"), tmp_path,
+          progress=False, log=lambda *a: None)
+    swd_rows = [r for r in runs.read_metrics(tmp_path) if "swd" in r]
+    assert [r["step"] for r in swd_rows] == [1, 2]
+    assert all(math.isfinite(r["swd"]) and r["swd"] > 0 for r in swd_rows)
+    assert (tmp_path / "loss.png").is_file()
