@@ -28,7 +28,7 @@ from patchdiffusion.methods import build_method
 from patchdiffusion.rng import SampleRNG, mix_seed
 from patchdiffusion import run as runs
 
-_DATA_STREAM, _EXAMPLE_STREAM, _SAMPLE_STREAM = 1, 2, 3
+_DATA_STREAM, _EXAMPLE_STREAM, _SAMPLE_STREAM, _PLAN_STREAM = 1, 2, 3, 4
 
 
 class TrainingDiverged(RuntimeError):
@@ -105,6 +105,8 @@ class StepBatches:
 
     Epoch e is a permutation drawn from seed (seed, e), so the order is fixed by the seed alone and a
     resumed run picks it up at any step. Process r of W takes its contiguous share of each batch.
+    A step whose plan multiplies the batch (Patch Diffusion's small patches) takes `count` entries
+    from stream position `position` instead (`indices_at`).
     """
 
     def __init__(self, num_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
@@ -119,15 +121,20 @@ class StepBatches:
             self._epoch, self._perm = epoch, torch.randperm(self.num_items, generator=g)
         return self._perm
 
-    def local_positions(self) -> range:
-        """Positions of this process's examples inside the global batch."""
-        start = self.rank * self.local_batch
-        return range(start, start + self.local_batch)
+    def local_positions(self, count: int | None = None) -> range:
+        """Positions of this process's examples inside a global batch of `count` (default batch_size)."""
+        local = self.local_batch if count is None else count // self.world_size
+        start = self.rank * local
+        return range(start, start + local)
 
     def indices(self, step: int) -> list[int]:
+        return self.indices_at(step * self.batch_size, self.batch_size)
+
+    def indices_at(self, position: int, count: int) -> list[int]:
+        """This process's share of the `count` stream entries that start at `position`."""
         out = []
-        for k in self.local_positions():
-            n = step * self.batch_size + k
+        for k in self.local_positions(count):
+            n = position + k
             out.append(int(self._permutation(n // self.num_items)[n % self.num_items]))
         return out
 
@@ -236,7 +243,9 @@ def train(
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
 
-    step, images_seen = 0, 0
+    step, images_seen, data_position = 0, 0, 0
+    # Images counted per step (images seen, EMA): the batch times the method's average multiplier.
+    step_images = cfg.batch_size * method.average_multiplier
     if dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
@@ -250,6 +259,7 @@ def train(
             state = runs.load_train_state(checkpoint)
             optimizer.load_state_dict(state["optimizer"])
             step, images_seen = int(state["step"]), int(state["images_seen"])
+            data_position = int(state.get("data_position", step * cfg.batch_size))
             torch.set_rng_state(state["torch_rng"])
             if device.type == "cuda" and "cuda_rng" in state:
                 torch.cuda.set_rng_state(state["cuda_rng"], device)
@@ -284,6 +294,7 @@ def train(
                 "optimizer": optimizer.state_dict(),
                 "step": step,
                 "images_seen": images_seen,
+                "data_position": data_position,
                 "torch_rng": torch.get_rng_state(),
             }
             if device.type == "cuda":
@@ -339,8 +350,13 @@ def train(
                 stopped_early = True
                 say(f"time budget of {cfg.max_minutes} min reached at step {step}")
                 break
-            images, labels = load_batch(dataset, batches.indices(step), device)
-            rng = SampleRNG([mix_seed(cfg.seed, _EXAMPLE_STREAM, step, k) for k in batches.local_positions()], device)
+            # Step-level draws (e.g. one patch size for the whole global batch), the same on every process.
+            plan = method.plan_step(mix_seed(cfg.seed, _PLAN_STREAM, step), step / cfg.steps)
+            count = cfg.batch_size * plan.multiplier
+            images, labels = load_batch(dataset, batches.indices_at(data_position, count), device)
+            rng = SampleRNG(
+                [mix_seed(cfg.seed, _EXAMPLE_STREAM, step, k) for k in batches.local_positions(count)], device
+            )
             if config.data.hflip:
                 flip = (rng.rand() < 0.5).view(-1, 1, 1, 1)
                 images = torch.where(flip, images.flip(-1), images)
@@ -349,7 +365,7 @@ def train(
                 group["lr"] = learning_rate(cfg, step)
 
             with amp:
-                loss = method.loss(model, images, labels, rng).float().mean()
+                loss = method.loss(model, images, labels, rng, **plan.options).float().mean()
             loss_value = loss.detach().clone()
             if dist_info.enabled:
                 torch.distributed.all_reduce(loss_value)
@@ -375,9 +391,10 @@ def train(
                 scaler.update()
             else:
                 optimizer.step()
-            images_seen += cfg.batch_size
-            update_ema(ema, net, ema_beta(cfg, images_seen, cfg.batch_size))
+            data_position += count
             step += 1
+            images_seen = round(step * step_images)
+            update_ema(ema, net, ema_beta(cfg, images_seen, step_images))
 
             if bar is not None:
                 bar.update(1)

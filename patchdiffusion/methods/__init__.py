@@ -7,6 +7,7 @@ from patchdiffusion.methods.base import Method
 _METHOD_MODULES = {
     "full": "patchdiffusion.methods.full",
     "patching": "patchdiffusion.methods.patching",
+    "patch_diffusion": "patchdiffusion.methods.patch_diffusion",
 }
 
 

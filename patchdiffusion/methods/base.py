@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import inspect
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -34,6 +35,14 @@ def clipped(denoiser: Denoiser) -> Denoiser:
         return out.clamp(-1, 1)
 
     return clipped_denoiser
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What one training step looks like, drawn once for the whole global batch (all processes alike)."""
+
+    multiplier: int = 1  # the step loads batch_size × multiplier examples (e.g. more, smaller patches)
+    options: dict = field(default_factory=dict)  # keyword arguments for `loss` (e.g. the patch size)
 
 
 class Method(abc.ABC):
@@ -73,6 +82,15 @@ class Method(abc.ABC):
     def sampling_sigmas(self, steps: int) -> torch.Tensor:
         """The descending noise levels (ending in 0) that samplers walk for `steps` steps."""
 
+    def plan_step(self, seed: int, progress: float) -> StepPlan:
+        """Step-level random choices from `seed` (fixed by the run seed and step); `progress` in [0, 1)."""
+        return StepPlan()
+
+    @property
+    def average_multiplier(self) -> float:
+        """E[plan.multiplier]: images counted per batch slot for images seen and the EMA half-life."""
+        return 1.0
+
     # -- shared ------------------------------------------------------------------------------
     def check_canvas(self, height: int, width: int) -> None:
         """Raise ConfigError when the method cannot sample a canvas of this size."""
@@ -104,7 +122,7 @@ class Method(abc.ABC):
             denoiser = self.guided(denoiser, guidance)
         if self.clip_denoised:
             denoiser = clipped(denoiser)
-        x = rng.randn(self.image_channels, height, width) * sigmas[0]
+        x = rng.randn(*self.canvas_shape(height, width)) * sigmas[0]
         accepted = inspect.signature(sampler_fn).parameters
         options = {k: v for k, v in {**self.sampler_defaults(sampler), **options}.items() if k in accepted}
         with torch.no_grad():
@@ -112,7 +130,15 @@ class Method(abc.ABC):
                 denoiser, x, sigmas, extra_args=cond, noise_fn=rng.randn_like, callback=callback,
                 progress=progress, **options,
             )
-        return out.clamp(-1, 1)
+        return self.decode(out)
+
+    def canvas_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """(C, H, W) of what the sampler walks for an image of height × width (a latent is smaller)."""
+        return (self.image_channels, height, width)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """The sampler's result as images in [-1, 1] (a latent method decodes it first)."""
+        return x.clamp(-1, 1)
 
     def sampler_defaults(self, sampler: str) -> dict:
         """Options this method always passes to `sampler` (e.g. the learned variance for DDPM)."""

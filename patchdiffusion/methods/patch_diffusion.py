@@ -1,0 +1,246 @@
+"""Patch Diffusion (Wang et al., NeurIPS 2023): random-size patches plus coordinate channels.
+
+Training: each step draws one patch size p for the whole global batch, from (R/4, R/2, R) with
+probabilities ((1 − p_real)·2/5, (1 − p_real)·3/5, p_real) in pixel space or (R/2, R) with
+(1 − p_real, p_real) in latent space. A step of smaller patches loads `multiplier` times more
+images (R=64: ×4 at 16², ×2 at 32², the reference code's batch_mul table); every image gets its own
+uniform random crop, and the loss is the mean over all those patches. Two coordinate channels, the
+(x, y) position of each pixel in the full canvas scaled to [−1, 1], are cropped with the patch and
+concatenated to the network input after EDM's c_in scaling. Images seen and the EMA count
+batch × E[multiplier] per step, as the reference does.
+
+Sampling: the full canvas with the full coordinate grid, one network call per step, through any sampler.
+
+Latent space (`latent: true`, `vae_path`): images are encoded with a local diffusers AutoencoderKL
+(`patchdiffusion/latent.py`), patches are cut from the latents (R is then the latent side) and samples
+are decoded back to images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+from patchdiffusion.config import ConfigError
+from patchdiffusion.diffusion.losses import EDMLoss
+from patchdiffusion.diffusion.precond import EDMPrecond
+from patchdiffusion.diffusion.schedules import edm_sigmas
+from patchdiffusion.methods.base import Method, StepPlan
+from patchdiffusion.methods.full import check_divisible
+from patchdiffusion.nets.unet import UNet, UNetConfig
+from patchdiffusion.rng import SampleRNG
+
+
+def _default_net() -> UNetConfig:
+    return UNetConfig(
+        extra_in_channels=2, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(8,),
+    )
+
+
+@dataclass
+class PatchDiffusionConfig:
+    net: UNetConfig = field(default_factory=_default_net)  # the backbone; extra_in_channels=2 (x, y)
+    real_p: float = 0.5                  # probability of a full-size patch in a step
+    progressive: bool = False            # the paper's ablation: smallest patches first (by training progress)
+    latent: bool = False                 # train on VAE latents (needs vae_path and net in/out_channels = latent's)
+    vae_path: str = ""                   # local diffusers AutoencoderKL directory (save_pretrained layout)
+    latent_cache: str = ""               # directory caching each image's encoder Gaussian ("" = encode every step)
+    sigma_data: float = 0.5              # EDM σ_data: expected std of the data
+    P_mean: float = -1.2                 # training noise levels: ln σ ~ N(P_mean, P_std²)
+    P_std: float = 1.2
+    sigma_min: float = 0.002             # sampling noise range and EDM's ρ
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    label_dropout: float = 0.0           # share of labels replaced by the null label (for guidance)
+
+
+# Reference code's images-per-batch table; a step of patch p carries M[p] / M[R] times the batch.
+_BATCH_MUL = {512: 1, 256: 2, 128: 4, 64: 16, 32: 32, 16: 64}
+
+
+def batch_multiplier(patch: int, resolution: int) -> int:
+    """Images per batch slot for patches of side `patch` on a canvas of side `resolution`."""
+    if patch in _BATCH_MUL and resolution in _BATCH_MUL:
+        return _BATCH_MUL[patch] // _BATCH_MUL[resolution]
+    return resolution // patch  # sides outside the table: ×2 per halving, like the table at R=64
+
+
+def patch_schedule(resolution: int, real_p: float, latent: bool) -> tuple[list[int], list[float]]:
+    """(patch sides, probabilities) of one step's draw."""
+    if latent:
+        return [resolution // 2, resolution], [1 - real_p, real_p]
+    return [resolution // 4, resolution // 2, resolution], [(1 - real_p) * 2 / 5, (1 - real_p) * 3 / 5, real_p]
+
+
+def draw_patch_size(sizes: list[int], probs: list[float], seed: int, progress: float, progressive: bool) -> int:
+    """Stochastic: one draw from `probs` with a generator seeded by `seed`. Progressive: the first size
+    whose cumulative probability reaches the training progress (reference `--progressive`)."""
+    cumulative = torch.tensor(probs, dtype=torch.float64).cumsum(0)
+    cumulative[-1] = float("inf")
+    if progressive:
+        return sizes[int((cumulative < progress).sum())]  # first size with progress <= cumulative
+    u = torch.rand((), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return sizes[int((cumulative <= u).sum())]
+
+
+def coordinate_grid(height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """(2, H, W): channel 0 x = 2·(j/(W−1) − 0.5) along columns, channel 1 y = 2·(i/(H−1) − 0.5) along rows."""
+    x = (torch.arange(width, dtype=torch.float64) / max(width - 1, 1) - 0.5) * 2
+    y = (torch.arange(height, dtype=torch.float64) / max(height - 1, 1) - 0.5) * 2
+    grid = torch.stack([x.expand(height, width), y[:, None].expand(height, width)])
+    return grid.to(device=device, dtype=dtype)
+
+
+def crop(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: int) -> torch.Tensor:
+    """Per-example square crops: x (B, C, H, W), corners top/left (B,) -> (B, C, size, size)."""
+    offsets = torch.arange(size, device=x.device)
+    rows = (top.to(x.device)[:, None] + offsets)[:, :, None]  # (B, size, 1)
+    cols = (left.to(x.device)[:, None] + offsets)[:, None, :]  # (B, 1, size)
+    batch = torch.arange(x.shape[0], device=x.device)[:, None, None]
+    return x[batch, :, rows, cols].permute(0, 3, 1, 2)  # (B, size, size, C) -> (B, C, size, size)
+
+
+def random_patches(images: torch.Tensor, size: int, rng: SampleRNG) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image's own uniform random crop and its coordinates: ((B, C, p, p), (B, 2, p, p))."""
+    B, _, H, W = images.shape
+    top = rng.randint(0, H - size + 1).reshape(B)
+    left = rng.randint(0, W - size + 1).reshape(B)
+    grid = coordinate_grid(H, W, device=images.device, dtype=images.dtype).expand(B, -1, -1, -1)
+    return crop(images, top, left, size), crop(grid, top, left, size)
+
+
+class PatchDiffusionMethod(Method):
+    name = "patch_diffusion"
+    Config = PatchDiffusionConfig
+    default_sampler = "heun"
+    default_steps = 18
+
+    def validate(self) -> None:
+        cfg = self.config
+        height, width = self.resolution
+        if height != width:
+            raise ConfigError(f"patch_diffusion trains on square images; got {width}x{height}")
+        if not 0 <= cfg.real_p <= 1:
+            raise ConfigError(f"real_p must be in [0, 1], got {cfg.real_p}")
+        if cfg.net.extra_in_channels != 2:
+            raise ConfigError("patch_diffusion needs model.net.extra_in_channels=2 (the x, y coordinate channels)")
+        channels = self.image_channels
+        if cfg.latent:
+            if not cfg.vae_path:
+                raise ConfigError("latent: true needs model.vae_path (a local AutoencoderKL directory)")
+            from patchdiffusion.latent import vae_info
+
+            info = vae_info(cfg.vae_path)
+            if height % info.downsample:
+                raise ConfigError(f"image side {height} is not divisible by the VAE's factor {info.downsample}")
+            channels = info.latent_channels
+        if cfg.net.in_channels != channels or cfg.net.out_channels != channels:
+            raise ConfigError(
+                f"model.net.in_channels/out_channels are {cfg.net.in_channels}/{cfg.net.out_channels} but "
+                f"{'the latents have' if cfg.latent else 'the data has'} {channels} channels"
+            )
+        for size in self.patch_sizes:
+            check_divisible(cfg.net, size, size)
+
+    # -- sizes -------------------------------------------------------------------------------
+    @property
+    def downsample(self) -> int:
+        """Image side / the side diffusion runs at (the VAE factor, or 1 in pixel space)."""
+        if not self.config.latent:
+            return 1
+        from patchdiffusion.latent import vae_info
+
+        return vae_info(self.config.vae_path).downsample
+
+    @property
+    def canvas_side(self) -> int:
+        """R: the side of the training canvas the patches are cut from (latent side in latent space)."""
+        return self.resolution[0] // self.downsample
+
+    @property
+    def patch_sizes(self) -> list[int]:
+        return patch_schedule(self.canvas_side, self.config.real_p, self.config.latent)[0]
+
+    @property
+    def patch_probabilities(self) -> list[float]:
+        return patch_schedule(self.canvas_side, self.config.real_p, self.config.latent)[1]
+
+    @property
+    def average_multiplier(self) -> float:
+        R = self.canvas_side
+        return sum(p * batch_multiplier(s, R) for s, p in zip(self.patch_sizes, self.patch_probabilities))
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.net.num_classes
+
+    # -- training ----------------------------------------------------------------------------
+    def build_network(self) -> UNet:
+        return UNet(dataclasses.replace(self.config.net, resolution=self.canvas_side))
+
+    def plan_step(self, seed: int, progress: float) -> StepPlan:
+        size = draw_patch_size(self.patch_sizes, self.patch_probabilities, seed, progress, self.config.progressive)
+        return StepPlan(multiplier=batch_multiplier(size, self.canvas_side), options={"patch_size": size})
+
+    def loss(self, net, images, labels, rng: SampleRNG, patch_size: int | None = None) -> torch.Tensor:
+        cfg = self.config
+        cond = {}
+        labels = self.drop_labels(labels, rng, cfg.label_dropout)
+        if labels is not None:
+            cond["class_labels"] = labels
+        if cfg.latent:
+            codec = self.codec(images.device)
+            mean, std = codec.moments(images)
+            images = (mean + std * rng.randn_like(mean).to(mean)) * codec.scaling_factor  # latent_dist.sample()
+        canvas_elements = images[0].numel()
+        patches, coords = random_patches(images, patch_size or images.shape[-1], rng)
+        edm_loss = EDMLoss(P_mean=cfg.P_mean, P_std=cfg.P_std, sigma_data=cfg.sigma_data)
+        per_element = edm_loss(EDMPrecond(net, sigma_data=cfg.sigma_data), patches, rng, extra_channels=coords, **cond)
+        # The reference sums the loss over a patch's pixels; dividing by the canvas's element count keeps that
+        # weighting between patch sizes and makes a full-size step the per-element mean (as `full` does).
+        return per_element.flatten(1).sum(1) / canvas_elements
+
+    # -- sampling ----------------------------------------------------------------------------
+    def denoiser(self, net):
+        precond = EDMPrecond(net, sigma_data=self.config.sigma_data)
+
+        def with_coordinates(x, sigma, **cond):
+            grid = coordinate_grid(x.shape[-2], x.shape[-1], device=x.device, dtype=x.dtype)
+            return precond(x, sigma, extra_channels=grid.expand(x.shape[0], -1, -1, -1), **cond)
+
+        return with_coordinates
+
+    def sampling_sigmas(self, steps: int) -> torch.Tensor:
+        cfg = self.config
+        return edm_sigmas(steps, sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max, rho=cfg.rho)
+
+    def check_canvas(self, height: int, width: int) -> None:
+        f = self.downsample
+        if height % f or width % f:
+            raise ConfigError(f"canvas {width}x{height} is not divisible by the VAE's factor {f}")
+        check_divisible(self.config.net, height // f, width // f)
+
+    def canvas_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        f = self.downsample
+        return (self.config.net.in_channels, height // f, width // f)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.latent:
+            x = self.codec(x.device).decode(x)
+        return x.clamp(-1, 1)
+
+    # -- latent space ------------------------------------------------------------------------
+    def codec(self, device: torch.device):
+        """The VAE, loaded on first use (it is not part of the trained network or its checkpoints)."""
+        if getattr(self, "_codec", None) is None:
+            from patchdiffusion.latent import LatentCodec
+
+            self._codec = LatentCodec(self.config.vae_path, device, cache_dir=self.config.latent_cache or None)
+        elif self._codec.device != torch.device(device):
+            self._codec.to(device)
+        return self._codec
+
+
+METHOD = PatchDiffusionMethod
