@@ -12,6 +12,7 @@ from patchdiffusion.config import ConfigError
 BENCHMARKS = {
     "unet-patching": ("unet_patching", "U-Net forward+backward time: patch_size 4 at 256² vs 1 at 64² (Luhman)"),
     "feature-extraction": ("feature_extraction", "evaluation throughput: Inception features and SWD/seam, images/s"),
+    "patch-training": ("patch_training", "training throughput: Patch Diffusion (real_p=0.5) vs full-image, 64²"),
 }
 
 
