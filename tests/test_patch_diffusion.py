@@ -1,6 +1,10 @@
 """Patch Diffusion (Wang et al. 2023): coordinates, patch-size schedule, net input, training, sampling, latents."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -35,6 +39,7 @@ TINY = [
     "train.warmup_steps=2",
     "train.sample_images=0",
     "train.device=cpu",
+    "train.seed=1",  # its first steps draw patch sides 16, 8, 4, 16, 4, 16 (×1, ×2, ×4, ×1, ×4, ×1)
 ]
 QUIET = dict(progress=False, log=lambda *a: None)
 
@@ -205,7 +210,26 @@ def test_exact_resume(tmp_path):
     assert_same(weights(tmp_path / "one", "ema"), weights(tmp_path / "split", "ema"))
     a = runs.load_train_state(runs.latest_checkpoint(tmp_path / "one"))
     b = runs.load_train_state(runs.latest_checkpoint(tmp_path / "split"))
-    assert a["data_position"] == b["data_position"] and a["images_seen"] == b["images_seen"]
+    assert a["data_position"] == b["data_position"] == 4 * (1 + 2 + 4 + 1 + 4 + 1)  # small patches were drawn
+    assert a["images_seen"] == b["images_seen"] == round(6 * 4 * 1.9)
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
+def test_ddp_two_processes_match_one(tmp_path):
+    """Every process draws the step's patch size alike and takes its share of the B·m patches."""
+    from test_train import assert_same, weights
+
+    args = TINY[1:] + ["train.steps=3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cli = ["-m", "patchdiffusion.cli", "train", "--no-progress", "--method", "patch_diffusion"]
+    subprocess.run([sys.executable] + cli + ["--run", str(tmp_path / "one")] + args, check=True, env=env,
+                   capture_output=True)
+    torchrun = ["torchrun", "--standalone", "--nproc_per_node", "2"]
+    result = subprocess.run(torchrun + cli + ["--run-dir", str(tmp_path / "two")] + args, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same(weights(tmp_path / "one", "net"), weights(tmp_path / "two", "net"), atol=1e-5)
+    assert_same(weights(tmp_path / "one", "ema"), weights(tmp_path / "two", "ema"), atol=1e-5)
 
 
 def test_cli_train_then_sample(tmp_path):
