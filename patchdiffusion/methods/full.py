@@ -25,8 +25,9 @@ def _default_net() -> UNetConfig:
 
 
 @dataclass
-class FullConfig:
-    net: UNetConfig = field(default_factory=_default_net)  # the backbone
+class EDMSettings:
+    """EDM's noise-level settings, shared by the methods built on the EDM framework."""
+
     sigma_data: float = 0.5              # EDM σ_data: expected std of the data
     P_mean: float = -1.2                 # training noise levels: ln σ ~ N(P_mean, P_std²)
     P_std: float = 1.2
@@ -34,6 +35,16 @@ class FullConfig:
     sigma_max: float = 80.0
     rho: float = 7.0
     label_dropout: float = 0.0           # share of labels replaced by the null label (for guidance)
+
+
+def edm_sampling_sigmas(settings: EDMSettings, steps: int) -> torch.Tensor:
+    """EDM eq. 5 noise levels for `steps` steps from the settings' σ range and ρ."""
+    return edm_sigmas(steps, sigma_min=settings.sigma_min, sigma_max=settings.sigma_max, rho=settings.rho)
+
+
+@dataclass
+class FullConfig(EDMSettings):
+    net: UNetConfig = field(default_factory=_default_net)  # the backbone
 
 
 def check_divisible(net: UNetConfig, height: int, width: int) -> None:
@@ -81,8 +92,7 @@ class FullImageMethod(Method):
         return EDMPrecond(net, sigma_data=self.config.sigma_data)
 
     def sampling_sigmas(self, steps: int) -> torch.Tensor:
-        cfg = self.config
-        return edm_sigmas(steps, sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max, rho=cfg.rho)
+        return edm_sampling_sigmas(self.config, steps)
 
     def check_canvas(self, height: int, width: int) -> None:
         check_divisible(self.config.net, height, width)

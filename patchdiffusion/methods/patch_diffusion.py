@@ -26,9 +26,8 @@ import torch
 from patchdiffusion.config import ConfigError
 from patchdiffusion.diffusion.losses import EDMLoss
 from patchdiffusion.diffusion.precond import EDMPrecond
-from patchdiffusion.diffusion.schedules import edm_sigmas
 from patchdiffusion.methods.base import Method, StepPlan
-from patchdiffusion.methods.full import check_divisible
+from patchdiffusion.methods.full import EDMSettings, check_divisible, edm_sampling_sigmas
 from patchdiffusion.nets.unet import UNet, UNetConfig
 from patchdiffusion.rng import SampleRNG
 
@@ -40,20 +39,13 @@ def _default_net() -> UNetConfig:
 
 
 @dataclass
-class PatchDiffusionConfig:
+class PatchDiffusionConfig(EDMSettings):
     net: UNetConfig = field(default_factory=_default_net)  # the backbone; extra_in_channels=2 (x, y)
     real_p: float = 0.5                  # probability of a full-size patch in a step
     progressive: bool = False            # the paper's ablation: smallest patches first (by training progress)
     latent: bool = False                 # train on VAE latents (needs vae_path and net in/out_channels = latent's)
     vae_path: str = ""                   # local diffusers AutoencoderKL directory (save_pretrained layout)
     latent_cache: str = ""               # directory caching each image's encoder Gaussian ("" = encode every step)
-    sigma_data: float = 0.5              # EDM σ_data: expected std of the data
-    P_mean: float = -1.2                 # training noise levels: ln σ ~ N(P_mean, P_std²)
-    P_std: float = 1.2
-    sigma_min: float = 0.002             # sampling noise range and EDM's ρ
-    sigma_max: float = 80.0
-    rho: float = 7.0
-    label_dropout: float = 0.0           # share of labels replaced by the null label (for guidance)
 
 
 # Reference code's images-per-batch table; a step of patch p carries M[p] / M[R] times the batch.
@@ -213,8 +205,7 @@ class PatchDiffusionMethod(Method):
         return with_coordinates
 
     def sampling_sigmas(self, steps: int) -> torch.Tensor:
-        cfg = self.config
-        return edm_sigmas(steps, sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max, rho=cfg.rho)
+        return edm_sampling_sigmas(self.config, steps)
 
     def check_canvas(self, height: int, width: int) -> None:
         f = self.downsample
