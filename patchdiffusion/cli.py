@@ -90,6 +90,10 @@ def cmd_train(args, extra: list[str]) -> int:
         flags.append(f"train.device={args.device}")
     if args.minutes is not None:
         flags.append(f"train.max_minutes={args.minutes}")
+    if args.latents:
+        flags.append("model.latent=true")
+    if args.vae:
+        flags.append(f"model.vae_path={args.vae}")
 
     run_dir = Path(args.run) if args.run else None
     if args.resume:
@@ -99,7 +103,16 @@ def cmd_train(args, extra: list[str]) -> int:
             raise ConfigError("--resume needs --run DIR (the run to continue)")
         config = prepare_run(None, run_dir, resume=True, overrides=flags + overrides)
     else:
-        config = load_config(args.config) if args.config else RunConfig()
+        if args.config and args.preset:
+            from patchdiffusion.config import ConfigError
+
+            raise ConfigError("give --config or --preset, not both")
+        if args.preset:
+            from patchdiffusion.presets import preset_config
+
+            config = preset_config(args.preset)
+        else:
+            config = load_config(args.config) if args.config else RunConfig()
         method_flags = [f for f in flags if f.startswith("method=")]
         config = apply_overrides(config, method_flags)
         config = apply_overrides(config, [f for f in flags if not f.startswith("method=")] + overrides)
@@ -163,7 +176,16 @@ def cmd_config(args, extra: list[str]) -> int:
 
     from patchdiffusion.config import RunConfig, apply_overrides, to_dict
 
-    config = apply_overrides(RunConfig(), [f"method={args.method}"] + _split_overrides(extra))
+    from patchdiffusion.presets import PRESETS, preset_config
+
+    if args.list_presets:
+        for name, (text, _) in PRESETS.items():
+            print(f"{name:26s} {text}")
+        return 0
+    if args.preset:
+        config = apply_overrides(preset_config(args.preset), _split_overrides(extra))
+    else:
+        config = apply_overrides(RunConfig(), [f"method={args.method}"] + _split_overrides(extra))
     print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
     return 0
 
@@ -209,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", help="YAML config file to start from (defaults otherwise)")
+    p.add_argument("--preset", help="named starting config (see `patchdiff config --list-presets`)")
     p.add_argument("--method", choices=method_names(), help="method (default: full)")
     p.add_argument("--data", help="data source: folder, .zip, .lmdb, or builtin:textures|photos|digits")
     p.add_argument("--resolution", help="training size: N or WxH")
@@ -219,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, help="global batch size (train.batch_size)")
     p.add_argument("--minutes", type=float, help="stop after this much wall time (train.max_minutes)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--latents", action="store_true", help="train on VAE latents (patch_diffusion; needs --vae)")
+    p.add_argument("--vae", help="local diffusers AutoencoderKL directory (model.vae_path)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
@@ -265,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print a method's default config (every key) as YAML")
     p.add_argument("--method", default="full", choices=method_names())
+    p.add_argument("--preset", help="print a named preset instead of a method's defaults")
+    p.add_argument("--list-presets", action="store_true", help="list the named presets")
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("bench", help="run a benchmark (no name: list them)")

@@ -107,3 +107,21 @@ def test_data_convert(tmp_path, capsys):
     assert main(["data", "convert", "--source", "builtin:textures?count=5", "--dest", str(dest),
                  "--resolution", "16", "--no-progress"]) == 0
     assert dest.is_file()
+
+
+def test_presets_build_and_train(tmp_path, capsys):
+    from patchdiffusion.methods import build_method
+    from patchdiffusion.presets import PRESETS, preset_config
+
+    for name in PRESETS:
+        config = preset_config(name)
+        net = build_method(config.method, config.model, config.data.resolution).build_network()
+        assert sum(p.numel() for p in net.parameters()) > 1e6, name
+    assert main(["config", "--list-presets"]) == 0
+    assert "patch-diffusion-cpu" in capsys.readouterr().out
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "patch-diffusion-cpu", "--run", str(run), "--steps", "1", "--device", "cpu",
+                 "--no-progress", "train.sample_images=2", "sample.num_steps=2"]) == 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["method"] == "patch_diffusion"
+    assert main(["train", "--preset", "nope"]) == 2
+    assert "unknown preset" in capsys.readouterr().err

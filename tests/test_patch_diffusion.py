@@ -298,3 +298,16 @@ def test_latent_training_and_sampling(tiny_vae, tmp_path):
     rng = SampleRNG([mix_seed(3, i) for i in range(2)])
     images = loaded.method.sample(loaded.net, rng, steps=3)
     assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
+
+
+def test_cli_latents_and_vae_flags(tiny_vae, tmp_path):
+    from patchdiffusion.cli import main
+
+    run = tmp_path / "run"
+    args = [a for a in TINY if not a.startswith("method=")]
+    code = main(["train", "--method", "patch_diffusion", "--latents", "--vae", str(tiny_vae), "--run", str(run),
+                 "--steps", "1", "--no-progress", *args, "model.net.in_channels=4", "model.net.out_channels=4",
+                 "model.net.channel_mult=[1]", "model.net.attention_resolutions=[]"])
+    assert code == 0
+    saved = load_run(run).config.model
+    assert saved.latent is True and saved.vae_path == str(tiny_vae)
