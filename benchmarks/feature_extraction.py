@@ -18,14 +18,13 @@ Writes DIR/feature_extraction.json and .png (DIR/feature_extraction.<device>.* o
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import time
 
 import torch
+
+from benchmarks.common import machine_info, write_results
 
 from patchdiffusion.eval.detectors import random_inception_detector
 from patchdiffusion.eval.features import FeatureCollector
@@ -34,19 +33,6 @@ from patchdiffusion.eval.swd import sliced_wasserstein_distance
 
 IMAGE_SIDE = 64  # evaluated image size; the pipeline resizes to 299 either way
 SWD_IMAGES = 1000
-
-
-def machine_info(device: torch.device) -> dict:
-    info = dict(platform=platform.platform(), python=platform.python_version(), processor=platform.processor(),
-                cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
-                device=str(device))
-    try:
-        info["load_average_1min"] = os.getloadavg()[0]  # other programs on the cores make CPU numbers noisy
-    except OSError:
-        pass
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def sync(device: torch.device) -> None:
@@ -152,11 +138,7 @@ def run(device: str = "cpu", repeats: int = 3, out_dir: str = "benchmarks/result
         minutes_for_50k_images_at_best=50000 / best["images_per_s"] / 60,
         seconds_total=time.perf_counter() - started,
     )
-    os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, "feature_extraction" + ("" if dev.type == "cpu" else f".{dev.type}"))
-    with open(stem + ".json", "w") as file:
-        json.dump(report, file, indent=2)
-    plot(report, stem + ".png")
+    write_results(report, out_dir, "feature_extraction", dev, plot)
     return report
 
 

@@ -25,15 +25,13 @@ Writes DIR/patch_training.json and DIR/patch_training.png.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
 
 import torch
 
-from benchmarks.unet_patching import machine_info
+from benchmarks.common import machine_info, write_results
 from patchdiffusion.methods.base import StepPlan
 from patchdiffusion.methods.full import FullConfig, FullImageMethod
 from patchdiffusion.methods.patch_diffusion import PatchDiffusionConfig, PatchDiffusionMethod, batch_multiplier
@@ -179,11 +177,7 @@ def run(seconds: float = 100.0, batch: int = 8, real_p: float = 0.5, out_dir: st
         stratified=stratified,
         drawn=dict(totals=totals, ratios_patch_over_full=ratios),
     )
-    os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, "patch_training")
-    with open(stem + ".json", "w") as f:
-        json.dump(report, f, indent=2)
-    plot(report, stem + ".png")
+    write_results(report, out_dir, "patch_training", torch.device("cpu"), plot)
     return report
 
 

@@ -18,14 +18,13 @@ Writes DIR/unet_patching.json and DIR/unet_patching.png (DIR/unet_patching.<devi
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import time
 
 import torch
+
+from benchmarks.common import machine_info, write_results
 from torch.utils.flop_counter import FlopCounterMode
 
 from patchdiffusion.nets import UNetConfig, build_unet, count_parameters
@@ -64,15 +63,6 @@ def sync(device: torch.device) -> None:
 def train_step(net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> None:
     net.zero_grad(set_to_none=True)
     net(x, t).float().square().mean().backward()
-
-
-def machine_info(device: torch.device) -> dict:
-    info = dict(platform=platform.platform(), python=platform.python_version(), processor=platform.processor(),
-                cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
-                device=str(device))
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def run(device: str = "cpu", repeats: int = 11, batch: int | None = None, out_dir: str = "benchmarks/results",
@@ -155,11 +145,7 @@ def run(device: str = "cpu", repeats: int = 11, batch: int | None = None, out_di
         summary=summary,
     )
 
-    os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, "unet_patching" + ("" if dev.type == "cpu" else f".{dev.type}"))
-    with open(stem + ".json", "w") as f:
-        json.dump(report, f, indent=2)
-    plot(report, stem + ".png")
+    write_results(report, out_dir, "unet_patching", dev, plot)
     return report
 
 

@@ -24,21 +24,11 @@ from patchdiffusion.methods.patch_diffusion import (
 from patchdiffusion.rng import SampleRNG, mix_seed
 from patchdiffusion.sample import load_run
 from patchdiffusion.train import train
+from test_train import TINY as TRAIN_TINY
 
 TINY = [
     "method=patch_diffusion",
-    "data.source=builtin:textures?count=64",
-    "data.resolution=16",
-    "model.net.model_channels=16",
-    "model.net.channel_mult=[1,2]",
-    "model.net.num_res_blocks=1",
-    "model.net.attention_resolutions=[8]",
-    "model.net.head_channels=16",
-    "train.batch_size=4",
-    "train.log_every=1",
-    "train.warmup_steps=2",
-    "train.sample_images=0",
-    "train.device=cpu",
+    *TRAIN_TINY,
     "train.seed=1",  # its first steps draw patch sides 16, 8, 4, 16, 4, 16 (×1, ×2, ×4, ×1, ×4, ×1)
 ]
 QUIET = dict(progress=False, log=lambda *a: None)

@@ -1,0 +1,33 @@
+"""What every benchmark records beside its figures: the machine, and the JSON + PNG written together."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from typing import Callable
+
+import torch
+
+
+def machine_info(device: torch.device) -> dict:
+    info = dict(platform=platform.platform(), python=platform.python_version(), processor=platform.processor(),
+                cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
+                device=str(device))
+    try:
+        info["load_average_1min"] = os.getloadavg()[0]  # other programs on the cores make CPU numbers noisy
+    except OSError:
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def write_results(report: dict, out_dir: str, name: str, device: torch.device, plot: Callable[[dict, str], None]) -> str:
+    """Write `name[.cuda].json` and its plot `name[.cuda].png` under out_dir; returns the path stem."""
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, name + ("" if device.type == "cpu" else f".{device.type}"))
+    with open(stem + ".json", "w") as f:
+        json.dump(report, f, indent=2)
+    plot(report, stem + ".png")
+    return stem
