@@ -199,7 +199,7 @@ def prepare_run(config: RunConfig, run_dir: str | Path, resume: bool, overrides:
             for item in overrides:
                 key = item.split("=", 1)[0]
                 if not key.split(".")[0] in ("train", "sample") and key.split(".")[-1] not in (
-                    "steps", "max_minutes", "checkpoint_every", "sample_every", "log_every", "device",
+                    "steps", "max_minutes", "max_cpu_minutes", "checkpoint_every", "sample_every", "log_every", "device",
                     "num_workers", "keep_checkpoints",
                 ):
                     raise ConfigError(f"cannot change '{key}' when resuming; start a new run for that")
@@ -337,6 +337,7 @@ def train(
             torch.distributed.barrier()
 
     start_step, start_time = step, time.time()
+    step_cpu_seconds = 0.0  # this process's CPU time inside training steps (not checkpoints, samples, metrics)
     last_loss, stopped_early = float("nan"), False
     bar = None
     if progress and dist_info.is_main:
@@ -350,6 +351,11 @@ def train(
                 stopped_early = True
                 say(f"time budget of {cfg.max_minutes} min reached at step {step}")
                 break
+            if cfg.max_cpu_minutes > 0 and step_cpu_seconds > cfg.max_cpu_minutes * 60:
+                stopped_early = True
+                say(f"CPU-time budget of {cfg.max_cpu_minutes} min reached at step {step}")
+                break
+            step_cpu_start = time.process_time()
             # Step-level draws (e.g. one patch size for the whole global batch), the same on every process.
             plan = method.plan_step(mix_seed(cfg.seed, _PLAN_STREAM, step), step / cfg.steps)
             count = cfg.batch_size * plan.multiplier
@@ -395,6 +401,7 @@ def train(
             step += 1
             images_seen = round(step * step_images)
             update_ema(ema, net, ema_beta(cfg, images_seen, step_images))
+            step_cpu_seconds += time.process_time() - step_cpu_start
 
             if bar is not None:
                 bar.update(1)
@@ -403,6 +410,7 @@ def train(
                 row = {
                     "step": step, "images_seen": images_seen, "loss": last_loss, "lr": learning_rate(cfg, step - 1),
                     "seconds": round(time.time() - start_time, 3),
+                    "cpu_seconds": round(step_cpu_seconds, 3),
                 }
                 if grad_norm is not None:
                     row["grad_norm"] = grad_norm

@@ -77,6 +77,18 @@ def test_run_directory_contents(tmp_path):
     assert checkpoint.step == 4 and (checkpoint.path / "net.safetensors").is_file()
 
 
+def test_cpu_time_budget_stops_early_and_is_logged(tmp_path):
+    """train.max_cpu_minutes ends the run by training CPU time; every metrics row carries cpu_seconds."""
+    messages = []
+    config = tiny_config("train.steps=10000", "train.max_cpu_minutes=0.002")  # 0.12 s of CPU
+    train(config, tmp_path, progress=False, log=messages.append)
+    rows = runs.read_metrics(tmp_path)
+    assert any("CPU-time budget" in m for m in messages)
+    assert 1 <= rows[-1]["step"] < 10000 and runs.latest_checkpoint(tmp_path).step == rows[-1]["step"]
+    cpu = [row["cpu_seconds"] for row in rows]
+    assert cpu == sorted(cpu) and cpu[-1] >= 0.12
+
+
 def test_checkpoint_killed_mid_write_keeps_previous(tmp_path):
     """A process killed while writing a checkpoint leaves the previous one complete and loadable."""
     net = {"w": torch.ones(3)}
