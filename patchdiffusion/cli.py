@@ -111,6 +111,11 @@ def cmd_train(args, extra: list[str]) -> int:
             from patchdiffusion.presets import preset_config
 
             config = preset_config(args.preset)
+        elif args.config and args.config.lower().endswith(".json"):  # Patch-based DDPM's reference JSON style
+            from patchdiffusion.methods.patch_ddpm_json import load_seed_config
+
+            config, json_run_dir = load_seed_config(args.config)
+            run_dir = run_dir or json_run_dir
         else:
             config = load_config(args.config) if args.config else RunConfig()
         method_flags = [f for f in flags if f.startswith("method=")]
@@ -147,6 +152,7 @@ def cmd_sample(args, extra: list[str]) -> int:
         steps=args.steps, guidance=args.guidance, class_label=args.class_label, height=height, width=width,
         device=args.device, use_ema=not args.no_ema, progress=not args.no_progress,
         S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max, S_noise=args.S_noise, eta=args.eta,
+        patch_batch=args.patch_batch,
     )
     print(f"wrote {len(paths)} images and grid.png to {out}")
     return 0
@@ -259,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--S_max", type=float, help="churn only for sigma <= S_max")
     p.add_argument("--S_noise", type=float, help="noise inflation of the churn, e.g. 1.003")
     p.add_argument("--eta", type=float, help="DDIM stochasticity (0 = deterministic)")
+    p.add_argument("--patch-batch", type=int, help="patch_ddpm: grid cells per network call (memory vs speed; 0 = all)")
     p.add_argument("--class", dest="class_label", type=int, help="class label to generate")
     p.add_argument("--size", help="canvas size N or WxH (default: the training size)")
     p.add_argument("--batch", type=int, default=16, help="images per batch (memory), does not change results")

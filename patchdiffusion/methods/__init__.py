@@ -8,6 +8,7 @@ _METHOD_MODULES = {
     "full": "patchdiffusion.methods.full",
     "patching": "patchdiffusion.methods.patching",
     "patch_diffusion": "patchdiffusion.methods.patch_diffusion",
+    "patch_ddpm": "patchdiffusion.methods.patch_ddpm",
 }
 
 

@@ -1,0 +1,240 @@
+"""Patch-based DDPM (Arakawa et al., CVPRW 2023, "Memory Efficient Diffusion Probabilistic Models
+via Patch-based Generation"); the reference code's mechanics are in METHODS.md §2.
+
+An R×R image is cut into D×D non-overlapping patches of R/D (D = `patch_divider`) on a fixed grid.
+One network, the lucidrains DDPM U-Net (`nets/ddpm_unet.py`), denoises every patch; it sees
+  * the patch of the current noisy image x_t (VP coordinates, as DDPM's network sees it);
+  * Global Content Conditioning (paper §3.3): the whole x_t average-pooled to the patch size,
+    concatenated to the patch as 3 more channels (`gcc`);
+  * its position (paper §3.2): a one-hot vector over the D² cells, cell (i, j) -> i·D + j, embedded
+    and fused with the time embedding (`position`).
+Patches are stacked patch-major (all B images of cell 0, then cell 1, ...), so the per-image
+timesteps are tiled D² times. The D² outputs ε̂ are put back on the image grid.
+
+Diffusion as the reference: T = 1000, cosine β schedule (s = 0.008, β ≤ 0.999), one t per image
+shared by its patches, L1 loss on ε over the whole reassembled image; sampling is ancestral DDPM
+with the posterior variance and x0 clipped to [−1, 1], 1000 steps by default.
+
+Memory: sampling calls the U-Net on `patch_batch` cells at a time (B × K patches per call), so the
+activations held at once are those of K patches, not of the image (the paper's claim; the
+reference runs all D² cells in one call, which is `patch_batch = 0`). The pooled x_t is computed
+once per denoiser call and shared by all chunks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from patchdiffusion.config import ConfigError
+from patchdiffusion.diffusion.losses import DDPMLoss
+from patchdiffusion.diffusion.precond import DiscretePrecond
+from patchdiffusion.diffusion.schedules import schedule_from_name
+from patchdiffusion.methods.base import Method
+from patchdiffusion.nets.ddpm_unet import DDPMUNet, DDPMUNetConfig
+from patchdiffusion.rng import SampleRNG
+
+_PREDICTIONS = {"pred_noise": "eps", "pred_x0": "x0", "eps": "eps", "x0": "x0"}
+
+
+@dataclass
+class PatchDDPMConfig:
+    net: DDPMUNetConfig = field(default_factory=DDPMUNetConfig)  # the per-patch U-Net
+    patch_divider: int = 4               # D: patches per side (D² patches of R/D); 1 = a plain full-image DDPM
+    gcc: bool = True                     # Global Content Conditioning: pooled x_t as 3 extra input channels
+    position: bool = True                # one-hot position over the D² cells, fused into the time embedding
+    schedule: str = "cosine"             # β schedule (the reference: cosine, s = 0.008, β ≤ 0.999)
+    timesteps: int = 1000                # T
+    loss_type: str = "l1"                # l1 (the reference) | l2, on the prediction target
+    objective: str = "pred_noise"        # pred_noise (ε, the reference) | pred_x0
+    patch_batch: int = 0                 # cells per network call when sampling (0 = all D² at once);
+    #                                      `patchdiff sample --patch-batch K` overrides it
+
+
+# ------------------------------------------------------------------------------------------------
+# The patch grid (patch-major stacking: index = k·B + b for cell k = i·D + j of image b)
+
+
+def patch_side(height: int, width: int, divider: int) -> tuple[int, int]:
+    """(ph, pw) of a D×D grid on an H×W canvas."""
+    return height // divider, width // divider
+
+
+def split_patches(x: torch.Tensor, divider: int, cells: range | None = None) -> torch.Tensor:
+    """(B, C, H, W) -> (K·B, C, H/D, W/D): the patches of `cells` (default all D²), patch-major."""
+    B, C, H, W = x.shape
+    ph, pw = patch_side(H, W, divider)
+    if cells is None or len(cells) == divider * divider:
+        grid = x.reshape(B, C, divider, ph, divider, pw).permute(2, 4, 0, 1, 3, 5)  # (D, D, B, C, ph, pw)
+        patches = grid.reshape(divider * divider, B, C, ph, pw)
+        if cells is not None:
+            patches = patches[cells.start:cells.stop]
+        return patches.reshape(-1, C, ph, pw)
+    return torch.cat(
+        [x[:, :, (k // divider) * ph:(k // divider + 1) * ph, (k % divider) * pw:(k % divider + 1) * pw] for k in cells]
+    )  # (K·B, C, ph, pw)
+
+
+def merge_patches(patches: torch.Tensor, divider: int, batch: int) -> torch.Tensor:
+    """(D²·B, C, ph, pw) patch-major -> (B, C, D·ph, D·pw); the inverse of `split_patches`."""
+    _, C, ph, pw = patches.shape
+    grid = patches.reshape(divider, divider, batch, C, ph, pw).permute(2, 3, 0, 4, 1, 5)  # (B, C, D, ph, D, pw)
+    return grid.reshape(batch, C, divider * ph, divider * pw)
+
+
+def position_one_hot(cells: range, divider: int, batch: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """(K·B, D²): row k·B + b is the one-hot of cell cells[k] (cell (i, j) = i·D + j), patch-major."""
+    index = torch.arange(cells.start, cells.stop, device=device).repeat_interleave(batch)  # (K·B,)
+    return F.one_hot(index, divider * divider).to(dtype)
+
+
+def global_content(x: torch.Tensor, divider: int) -> torch.Tensor:
+    """GCC input: x_t average-pooled to the patch size, (B, C, H, W) -> (B, C, H/D, W/D)."""
+    return F.adaptive_avg_pool2d(x, patch_side(x.shape[-2], x.shape[-1], divider))
+
+
+class PatchDividedUNet(nn.Module):
+    """The whole-canvas ε-network of Patch-based DDPM: net(x_t, t) -> ε̂ (B, C, H, W).
+
+    It cuts x_t into the D×D grid, runs the U-Net on `patch_batch` cells at a time (B·K patches per
+    call, 0 = all cells in one call as the reference does) and writes each chunk's outputs into the
+    canvas, so only one chunk's activations are alive at once.
+    """
+
+    def __init__(self, unet: DDPMUNet, divider: int, gcc: bool, position: bool):
+        super().__init__()
+        self.unet = unet
+        self.divider, self.gcc, self.position = divider, gcc, position
+
+    @property
+    def num_cells(self) -> int:
+        return self.divider * self.divider
+
+    def chunks(self, patch_batch: int = 0) -> list[range]:
+        K = patch_batch if 0 < patch_batch < self.num_cells else self.num_cells
+        return [range(k, min(k + K, self.num_cells)) for k in range(0, self.num_cells, K)]
+
+    def patch_inputs(self, x: torch.Tensor, time: torch.Tensor, cells: range, pooled: torch.Tensor | None = None):
+        """The U-Net's inputs for `cells`: (patches (K·B, C, p, p), time (K·B,), position (K·B, D²) or None,
+        global content (K·B, C, p, p) or None)."""
+        B, K = x.shape[0], len(cells)
+        patches = split_patches(x, self.divider, cells)
+        time = time.reshape(-1).expand(B).repeat(K)  # tiled (not interleaved): patch-major order
+        position = position_one_hot(cells, self.divider, B, x.device, x.dtype) if self.position else None
+        content = None
+        if self.gcc:
+            pooled = global_content(x, self.divider) if pooled is None else pooled
+            content = pooled.repeat(K, 1, 1, 1)  # (K·B, C, p, p): every patch sees the same pooled image
+        return patches, time, position, content
+
+    def forward(self, x: torch.Tensor, time: torch.Tensor, patch_batch: int = 0) -> torch.Tensor:
+        B = x.shape[0]
+        pooled = global_content(x, self.divider) if self.gcc else None  # once per call, shared by all chunks
+        ranges = self.chunks(patch_batch)
+        if len(ranges) == 1:  # all cells at once: one call, then one reshape back (training takes this path)
+            out = self.unet(*self.patch_inputs(x, time, ranges[0], pooled))
+            return merge_patches(out, self.divider, B)
+        canvas = None
+        ph, pw = patch_side(x.shape[-2], x.shape[-1], self.divider)
+        for cells in ranges:
+            out = self.unet(*self.patch_inputs(x, time, cells, pooled))  # (K·B, C_out, ph, pw)
+            if canvas is None:
+                canvas = x.new_empty(B, out.shape[1], x.shape[-2], x.shape[-1], dtype=out.dtype)
+            for n, k in enumerate(cells):
+                i, j = divmod(k, self.divider)
+                canvas[:, :, i * ph:(i + 1) * ph, j * pw:(j + 1) * pw] = out[n * B:(n + 1) * B]
+        return canvas
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+class PatchDDPMMethod(Method):
+    name = "patch_ddpm"
+    Config = PatchDDPMConfig
+    default_sampler = "ddpm"             # ancestral, as the reference's p_sample_loop
+    default_steps = 1000
+    clip_denoised = True                 # the reference clips x0 to [-1, 1]
+
+    def __init__(self, config, resolution, image_channels=3):
+        super().__init__(config, resolution, image_channels)
+        try:
+            self.schedule = schedule_from_name(config.schedule, config.timesteps)
+        except ValueError as e:
+            raise ConfigError(f"model.schedule: {e}") from None
+        self._patch_batch: int | None = None
+
+    def validate(self) -> None:
+        cfg = self.config
+        if cfg.patch_divider < 1:
+            raise ConfigError(f"model.patch_divider must be a positive integer, got {cfg.patch_divider}")
+        if cfg.objective not in _PREDICTIONS:
+            raise ConfigError(f"model.objective must be pred_noise or pred_x0, got '{cfg.objective}'")
+        if cfg.loss_type not in ("l1", "l2"):
+            raise ConfigError(f"model.loss_type must be l1 or l2, got '{cfg.loss_type}'")
+        if cfg.patch_batch < 0:
+            raise ConfigError(f"model.patch_batch must be 0 (all cells) or positive, got {cfg.patch_batch}")
+        if cfg.net.channels != self.image_channels:
+            raise ConfigError(f"model.net.channels is {cfg.net.channels} but the data has {self.image_channels}")
+        if cfg.net.out_dim not in (None, cfg.net.channels):
+            raise ConfigError("model.net.out_dim must equal the image channels (learned variance is not supported)")
+        self.check_canvas(*self.resolution)
+
+    def check_canvas(self, height: int, width: int) -> None:
+        D, divisor = self.config.patch_divider, self.config.net.size_divisor
+        if height % D or width % D:
+            raise ConfigError(f"image size {width}x{height} is not divisible by patch_divider {D}")
+        ph, pw = patch_side(height, width, D)
+        if ph % divisor or pw % divisor:
+            raise ConfigError(
+                f"patches of {pw}x{ph} ({width}x{height} / patch_divider {D}) are not divisible by {divisor} "
+                f"(2^{len(self.config.net.dim_mults) - 1} downsamplings); use fewer dim_mults or a smaller patch_divider"
+            )
+
+    def build_network(self) -> PatchDividedUNet:
+        cfg = self.config
+        unet = DDPMUNet(
+            cfg.net, extra_channels=cfg.net.channels if cfg.gcc else 0,
+            num_positions=cfg.patch_divider**2 if cfg.position else 0,
+        )
+        return PatchDividedUNet(unet, cfg.patch_divider, cfg.gcc, cfg.position)
+
+    def loss(self, net, images, labels, rng: SampleRNG) -> torch.Tensor:
+        """Ho et al. 2020 Algorithm 1 on the whole canvas: one t per image, all its patches share it,
+        L1 on ε (the reference's loss_type), mean over the reassembled image."""
+        cfg = self.config
+        ddpm_loss = DDPMLoss(self.schedule, prediction=_PREDICTIONS[cfg.objective], loss_type=cfg.loss_type)
+        return ddpm_loss(net, images, rng).flatten(1).mean(1)
+
+    def denoiser(self, net, patch_batch: int | None = None):
+        """D(x, σ) over the whole canvas: DiscretePrecond around the patch-divided ε-network, which
+        calls the U-Net on `patch_batch` cells at a time."""
+        K = patch_batch if patch_batch is not None else self._patch_batch
+        K = self.config.patch_batch if K is None else K
+        precond = DiscretePrecond(net, self.schedule, prediction=_PREDICTIONS[self.config.objective])
+
+        def patchwise(x, sigma, **cond):
+            return precond(x, sigma, patch_batch=K, **cond)
+
+        return patchwise
+
+    def sample(self, net, rng, *args, patch_batch: int | None = None, **kwargs) -> torch.Tensor:
+        """Method.sample with `patch_batch` cells per network call (None: model.patch_batch)."""
+        if patch_batch is not None and patch_batch < 0:
+            raise ConfigError(f"--patch-batch must be 0 (all cells) or positive, got {patch_batch}")
+        self._patch_batch = patch_batch
+        try:
+            return super().sample(net, rng, *args, **kwargs)
+        finally:
+            self._patch_batch = None
+
+    def sampling_sigmas(self, steps: int) -> torch.Tensor:
+        if not 1 <= steps <= self.schedule.num_timesteps:
+            raise ConfigError(f"steps must be between 1 and {self.schedule.num_timesteps}, got {steps}")
+        return self.schedule.sigmas_for_sampling(steps).float()
+
+
+METHOD = PatchDDPMMethod
