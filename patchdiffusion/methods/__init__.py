@@ -8,7 +8,9 @@ _METHOD_MODULES = {
     "full": "patchdiffusion.methods.full",
     "patching": "patchdiffusion.methods.patching",
     "patch_diffusion": "patchdiffusion.methods.patch_diffusion",
+    "dimr": "patchdiffusion.methods.dimr",
     "patch_ddpm": "patchdiffusion.methods.patch_ddpm",
+    "patch_dm": "patchdiffusion.methods.patch_dm",
 }
 
 
