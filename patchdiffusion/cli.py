@@ -101,6 +101,10 @@ def cmd_train(args, extra: list[str]) -> int:
             from patchdiffusion.config import ConfigError
 
             raise ConfigError("--resume needs --run DIR (the run to continue)")
+        if args.model:
+            from patchdiffusion.config import ConfigError
+
+            raise ConfigError("--model sets the architecture of a new run; a resumed run keeps its own")
         config = prepare_run(None, run_dir, resume=True, overrides=flags + overrides)
     else:
         if args.config and args.preset:
@@ -120,6 +124,10 @@ def cmd_train(args, extra: list[str]) -> int:
             config = load_config(args.config) if args.config else RunConfig()
         method_flags = [f for f in flags if f.startswith("method=")]
         config = apply_overrides(config, method_flags)
+        if args.model:  # the architecture first, so key=value overrides can still change it
+            from patchdiffusion.methods.dimr import model_override
+
+            config = apply_overrides(config, [model_override(args.model, config.method)])
         config = apply_overrides(config, [f for f in flags if not f.startswith("method=")] + overrides)
         if run_dir is None:
             run_dir = Path("runs") / f"{config.method}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -250,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--latents", action="store_true", help="train on VAE latents (patch_diffusion; needs --vae)")
     p.add_argument("--vae", help="local diffusers AutoencoderKL directory (model.vae_path)")
+    p.add_argument("--model", help="DiMR architecture: dimr-tiny | dimr-xl-2r | dimr-g-2r (method dimr; sets model.net)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
@@ -259,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i")
     p.add_argument("--sampler", help="heun | euler | ddim | ddpm | dpmpp_2m (default: the method's)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the method's)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (class-conditional models)")
+    p.add_argument("--guidance", "--cfg-scale", dest="guidance", type=float,
+                   help="classifier-free guidance scale (class-conditional models; 1 = off)")
     p.add_argument("--S_churn", type=float, help="EDM stochasticity (heun/euler), e.g. 40")
     p.add_argument("--S_min", type=float, help="churn only for sigma >= S_min")
     p.add_argument("--S_max", type=float, help="churn only for sigma <= S_max")
