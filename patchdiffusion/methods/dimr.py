@@ -1,0 +1,228 @@
+"""DiMR (Liu et al., NeurIPS 2024, arXiv 2406.09416): a multi-resolution network trained with a
+multi-scale noise-prediction loss, class-conditional with classifier-free guidance.
+
+The recipe, as the reference configuration (configs/DiMR-XL-2R_imagenet256.py) defines it:
+  * discrete VP schedule of Stable Diffusion: β linear in √β from 0.00085 to 0.012, T = 1000;
+    n ~ U{1..T}, x_n = √ᾱ_n x0 + √(1 − ᾱ_n) ε (our t = n − 1, zero-based);
+  * ε-prediction at every stage of the network (`nets/dimr.py`). Stage k predicts the noise at its
+    own resolution; its target is the noise 2^j×2^j sum-pooled and divided by 2^j (the average
+    ×2^j, which keeps unit variance, "scale_correction"); the loss is Σ_k c_k · mean((ε̂_k − ε_k)²)
+    with c = (1/4, 1) for (16², 32²);
+  * labels dropped to the null label with p = 0.1; guidance at sampling on the final output
+    (the reference's scale 0.4 in U-ViT's convention ε_c + s(ε_c − ε_u) is our --cfg-scale 1.4);
+  * DPM-Solver with data prediction (our dpmpp_2m) on the respaced discrete timesteps;
+  * AdamW lr 2e-4, weight decay 0.03, betas (0.99, 0.99), 5k warm-up steps: set by the presets
+    (`patchdiff config --preset dimr-xl-2r-imagenet256`).
+
+Latent space (`latent: true`, `vae_path`): images are encoded with a local diffusers AutoencoderKL
+(`patchdiffusion/latent.py`; ×0.18215), the network runs on the latents, samples are decoded.
+A backbone that returns one tensor instead of a list (e.g. a U-Net) trains with the same recipe, its
+output weighted like the final stage: `benchmarks/dimr_comparison.py` uses that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from patchdiffusion.config import ConfigError, to_dict
+from patchdiffusion.diffusion.precond import DiscretePrecond
+from patchdiffusion.diffusion.schedules import schedule_from_name
+from patchdiffusion.methods.base import Method
+from patchdiffusion.nets.dimr import DIMR_PRESETS, DiMRNet, DiMRNetConfig, check_dimr_config, dimr_config
+from patchdiffusion.rng import SampleRNG
+
+
+@dataclass
+class DiMRConfig:
+    net: DiMRNetConfig = field(default_factory=lambda: dimr_config("dimr-tiny"))  # the architecture (--model NAME)
+    schedule: str = "scaled_linear"      # β schedule (Stable Diffusion's: √β linear, 0.00085..0.012)
+    timesteps: int = 1000                # T
+    loss_weights: tuple[float, ...] = (0.25, 1.0)  # c_k per stage, low to high resolution
+    label_dropout: float = 0.1           # share of labels replaced by the null label (for guidance)
+    latent: bool = False                 # train on VAE latents (needs vae_path and net.in_channels = latent channels)
+    vae_path: str = ""                   # local diffusers AutoencoderKL directory (save_pretrained layout)
+    latent_cache: str = ""               # directory caching each image's encoder Gaussian ("" = encode every step)
+
+
+def model_names() -> list[str]:
+    return list(DIMR_PRESETS)
+
+
+def model_override(name: str, method: str) -> str:
+    """The `model.net=...` override of `patchdiff train --model NAME` (JSON is YAML flow syntax)."""
+    if method != "dimr":
+        raise ConfigError(f"--model picks a DiMR architecture; it needs --method dimr (the method is '{method}')")
+    if name not in DIMR_PRESETS:
+        raise ConfigError(f"unknown --model '{name}' (choose from: {', '.join(DIMR_PRESETS)})")
+    return "model.net=" + json.dumps(to_dict(dimr_config(name)))
+
+
+def multi_scale_targets(noise: torch.Tensor, sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """The noise at each size: (B, C, H, W) -> [(B, C, h, w)], each r×r block summed and divided by r
+    (r = H/h), so unit-variance noise stays unit variance (the reference's scale_correction)."""
+    H, W = noise.shape[-2:]
+    targets = []
+    for h, w in sizes:
+        r = H // h
+        if r * h != H or r * w != W:
+            raise ValueError(f"cannot pool a {W}x{H} target to {w}x{h}")
+        targets.append(noise if r == 1 else F.avg_pool2d(noise, r) * r)
+    return targets
+
+
+class FinalOutput(nn.Module):
+    """The multi-resolution net as a plain backbone: its last (full-resolution) prediction."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, noise_labels, **cond):
+        out = self.net(x, noise_labels, **cond)
+        return out[-1] if isinstance(out, (list, tuple)) else out
+
+
+class DiMRMethod(Method):
+    name = "dimr"
+    Config = DiMRConfig
+    default_sampler = "dpmpp_2m"
+    default_steps = 50                   # the reference's in-training FID setting (final FID: 250 steps)
+
+    def __init__(self, config, resolution, image_channels=3):
+        super().__init__(config, resolution, image_channels)
+        try:
+            self.schedule = schedule_from_name(config.schedule, config.timesteps)
+        except ValueError as e:
+            raise ConfigError(f"model.schedule: {e}") from None
+
+    def validate(self) -> None:
+        cfg = self.config
+        net = cfg.net
+        channels = self.image_channels
+        if cfg.latent:
+            if not cfg.vae_path:
+                raise ConfigError("latent: true needs model.vae_path (a local AutoencoderKL directory)")
+            from patchdiffusion.latent import vae_info
+
+            info = vae_info(cfg.vae_path)
+            if self.resolution[0] % info.downsample or self.resolution[1] % info.downsample:
+                raise ConfigError(f"image size is not divisible by the VAE's factor {info.downsample}")
+            channels = info.latent_channels
+        if net.in_channels != channels:
+            raise ConfigError(
+                f"model.net.in_channels is {net.in_channels} but {'the latents have' if cfg.latent else 'the data has'} "
+                f"{channels} channels"
+            )
+        if len(cfg.loss_weights) != len(net.stages):
+            raise ConfigError(
+                f"model.loss_weights has {len(cfg.loss_weights)} values for {len(net.stages)} stages (one per stage)"
+            )
+        if not 0 <= cfg.label_dropout < 1:
+            raise ConfigError(f"model.label_dropout must be in [0, 1), got {cfg.label_dropout}")
+        try:
+            check_dimr_config(net, *self.canvas_size)
+        except ValueError as e:
+            raise ConfigError(f"model.net: {e}") from None
+
+    # -- sizes -------------------------------------------------------------------------------
+    @property
+    def downsample(self) -> int:
+        """Image side / the side diffusion runs at (the VAE factor, or 1 in pixel space)."""
+        if not self.config.latent:
+            return 1
+        from patchdiffusion.latent import vae_info
+
+        return vae_info(self.config.vae_path).downsample
+
+    @property
+    def canvas_size(self) -> tuple[int, int]:
+        """(H, W) of what the network sees: the image, or its latent."""
+        f = self.downsample
+        return (self.resolution[0] // f, self.resolution[1] // f)
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.net.num_classes
+
+    # -- training ----------------------------------------------------------------------------
+    def build_network(self) -> DiMRNet:
+        return DiMRNet(dataclasses.replace(self.config.net, canvas=self.canvas_size))
+
+    def loss(self, net, images, labels, rng: SampleRNG) -> torch.Tensor:
+        cfg = self.config
+        if cfg.latent:
+            codec = self.codec(images.device)
+            mean, std = codec.moments(images)
+            images = (mean + std * rng.randn_like(mean).to(mean)) * codec.scaling_factor  # latent_dist.sample()
+        labels = self.training_labels(labels, rng, images.shape[0], images.device)
+        B = images.shape[0]
+        shape = (B,) + (1,) * (images.ndim - 1)
+        # Draw a timestep and noise per example; diffuse (Ho et al. 2020, eq. 4).
+        t = rng.randint(0, self.schedule.num_timesteps).reshape(B).cpu()
+        noise = rng.randn_like(images).to(images.device)
+        alpha_bar = self.schedule.alphas_cumprod[t].reshape(shape).to(images.device, images.dtype)
+        x_t = alpha_bar.sqrt() * images + (1 - alpha_bar).sqrt() * noise
+        cond = {} if labels is None else {"class_labels": labels}
+        outputs = net(x_t, t.to(images.device, torch.promote_types(images.dtype, torch.float32)), **cond)
+        if not isinstance(outputs, (list, tuple)):
+            outputs = [outputs]
+        weights = cfg.loss_weights[-len(outputs):]
+        targets = multi_scale_targets(noise, [tuple(o.shape[-2:]) for o in outputs])
+        # Σ_k c_k · mean over elements of (ε̂_k − ε_k)², per example (the reference's LSimple).
+        return sum(c * (o.float() - e.float()).square().flatten(1).mean(1) for c, o, e in zip(weights, outputs, targets))
+
+    def training_labels(self, labels, rng: SampleRNG, batch: int, device) -> torch.Tensor | None:
+        """Labels with dropout to the null label; all null for a conditional net trained without labels."""
+        if self.num_classes == 0:
+            return None
+        if labels is None:
+            return torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
+        if int(labels.max()) >= self.num_classes or int(labels.min()) < 0:
+            raise ConfigError(
+                f"the data has label {int(labels.max())} but model.net.num_classes is {self.num_classes}"
+            )
+        return self.drop_labels(labels, rng, self.config.label_dropout)
+
+    # -- sampling ----------------------------------------------------------------------------
+    def denoiser(self, net):
+        return DiscretePrecond(FinalOutput(net), self.schedule, prediction="eps")
+
+    def sampling_sigmas(self, steps: int) -> torch.Tensor:
+        return self.schedule.sigmas_for_sampling(steps).float()
+
+    def check_canvas(self, height: int, width: int) -> None:
+        f = self.downsample
+        if (height // f, width // f) != self.canvas_size or height % f or width % f:
+            raise ConfigError(
+                f"DiMR samples at its training size {self.resolution[1]}x{self.resolution[0]} only "
+                f"(its position embeddings are learned for it); got {width}x{height}"
+            )
+
+    def canvas_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        f = self.downsample
+        return (self.config.net.in_channels, height // f, width // f)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.latent:
+            x = self.codec(x.device).decode(x)
+        return x.clamp(-1, 1)
+
+    # -- latent space ------------------------------------------------------------------------
+    def codec(self, device: torch.device):
+        """The VAE, loaded on first use (it is not part of the trained network or its checkpoints)."""
+        if getattr(self, "_codec", None) is None:
+            from patchdiffusion.latent import LatentCodec
+
+            self._codec = LatentCodec(self.config.vae_path, device, cache_dir=self.config.latent_cache or None)
+        elif self._codec.device != torch.device(device):
+            self._codec.to(device)
+        return self._codec
+
+
+METHOD = DiMRMethod
