@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .tdln import NORM_KINDS, TimeEmbedding, make_norm, time_coordinate
+from .tdln import NORM_KINDS, TimeEmbedding, make_norm, shared_time, time_coordinate
 
 __all__ = [
     "StageConfig",
@@ -362,7 +362,7 @@ class DiMRNet(nn.Module):
         cfg = self.config
         noise_labels = noise_labels.reshape(-1).expand(x.shape[0]) if noise_labels.numel() == 1 else noise_labels
         if cfg.norm == "td":
-            cond = time_coordinate(noise_labels, cfg.num_timesteps)  # τ (B,)
+            cond = shared_time(time_coordinate(noise_labels, cfg.num_timesteps))  # τ (B,), or (1,) if shared
         else:
             cond = self.time_embed(noise_labels)  # (B, E)
         if cfg.num_classes > 0 and class_labels is None:

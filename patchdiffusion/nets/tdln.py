@@ -27,6 +27,7 @@ from .layers import timestep_embedding
 
 __all__ = [
     "time_coordinate",
+    "shared_time",
     "TimeDependentParameter",
     "TDRMSNorm",
     "TDLayerNorm",
@@ -46,6 +47,14 @@ def time_coordinate(timesteps: torch.Tensor, num_timesteps: int = 1000) -> torch
     return 2 * n / num_timesteps - 1
 
 
+def shared_time(tau: torch.Tensor) -> torch.Tensor:
+    """τ (B,) as (1,) when every example has the same τ (always so in sampling), so each time-dependent
+    vector is computed once for the batch, as the reference does; otherwise unchanged. One host sync."""
+    if tau.numel() > 1 and tau.device.type != "meta" and bool((tau == tau[0]).all()):
+        return tau[:1]
+    return tau
+
+
 def _per_row(vec: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """(B | 1, d) -> (B | 1, 1, ..., 1, d) so it broadcasts over x's middle (token / spatial) axes."""
     return vec.reshape(vec.shape[0], *([1] * (like.ndim - 2)), vec.shape[-1])
@@ -62,10 +71,8 @@ class TimeDependentParameter(nn.Module):
         self.b = nn.Parameter(torch.zeros(dim))  # b̃: the sigmoid's offset
 
     def forward(self, tau: torch.Tensor) -> torch.Tensor:
-        """τ (B,) -> θ (B, dim); (1, dim) when every example shares one τ (the usual case in sampling)."""
+        """τ (B,) -> θ (B, dim); τ of shape (1,) (see `shared_time`) gives one row for the whole batch."""
         tau = tau.reshape(-1).to(self.p0.dtype)
-        if tau.numel() > 1 and bool((tau == tau[0]).all()):
-            tau = tau[:1]
         gate = torch.sigmoid(torch.addcmul(self.b, tau[:, None], 1 + self.w))  # (B, dim)
         return torch.addcmul(self.p1, gate, self.p0 - self.p1)
 
