@@ -13,6 +13,9 @@ BENCHMARKS = {
     "unet-patching": ("unet_patching", "U-Net forward+backward time: patch_size 4 at 256² vs 1 at 64² (Luhman)"),
     "feature-extraction": ("feature_extraction", "evaluation throughput: Inception features and SWD/seam, images/s"),
     "patch-training": ("patch_training", "training throughput: Patch Diffusion (real_p=0.5) vs full-image, 64²"),
+    "patch-quality": ("patch_quality", "SWD per training CPU time and on a 5% subset: Patch Diffusion vs full-image, 32²"),
+    "patch-ddpm-memory": ("patch_ddpm_memory", "Patch-based DDPM: peak working memory of sampling for N = 1, 2, 4, 8"),
+    "patch-ddpm-quality": ("patch_ddpm_quality", "Patch-based DDPM in miniature: SWD and seam score, N = 1, 2, 4 ± GCC"),
 }
 
 
