@@ -25,6 +25,7 @@ from torch import nn
 from patchdiffusion.config import ConfigError, RunConfig, save_config, load_config, apply_overrides
 from patchdiffusion.images import save_grid
 from patchdiffusion.methods import build_method
+from patchdiffusion.methods.base import StepPlan
 from patchdiffusion.rng import SampleRNG, mix_seed
 from patchdiffusion import run as runs
 
@@ -237,6 +238,7 @@ def train(
     if config.data.use_labels and method.num_classes == 0:
         raise ConfigError("data.use_labels is true but the model is unconditional: set model.net.num_classes")
 
+    method.bind_data(len(dataset))  # may fill data-dependent model settings (saved with the config below)
     torch.manual_seed(mix_seed(cfg.seed, 0))
     net = method.build_network().to(device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
@@ -359,7 +361,10 @@ def train(
             # Step-level draws (e.g. one patch size for the whole global batch), the same on every process.
             plan = method.plan_step(mix_seed(cfg.seed, _PLAN_STREAM, step), step / cfg.steps)
             count = cfg.batch_size * plan.multiplier
-            images, labels = load_batch(dataset, batches.indices_at(data_position, count), device)
+            indices = batches.indices_at(data_position, count)
+            images, labels = load_batch(dataset, indices, device)
+            if method.needs_image_index:  # e.g. Patch-DM's per-image codes
+                plan = StepPlan(plan.multiplier, {**plan.options, "image_index": torch.tensor(indices, device=device)})
             rng = SampleRNG(
                 [mix_seed(cfg.seed, _EXAMPLE_STREAM, step, k) for k in batches.local_positions(count)], device
             )

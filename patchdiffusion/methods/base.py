@@ -51,6 +51,7 @@ class Method(abc.ABC):
     default_sampler: ClassVar[str] = "heun"
     default_steps: ClassVar[int] = 18
     clip_denoised: ClassVar[bool] = False  # clamp x0_hat to [-1, 1] after guidance (DDPM's clip_denoised)
+    needs_image_index: ClassVar[bool] = False  # the loss takes image_index= (each example's data set index)
 
     def __init__(self, config: Any, resolution: tuple[int, int], image_channels: int = 3):
         self.config = config
@@ -81,6 +82,10 @@ class Method(abc.ABC):
     @abc.abstractmethod
     def sampling_sigmas(self, steps: int) -> torch.Tensor:
         """The descending noise levels (ending in 0) that samplers walk for `steps` steps."""
+
+    def bind_data(self, num_images: int) -> None:
+        """Called by the training loop with the training set's size, before the network is built
+        (Patch-DM sizes its per-image code table with it)."""
 
     def plan_step(self, seed: int, progress: float) -> StepPlan:
         """Step-level random choices from `seed` (fixed by the run seed and step); `progress` in [0, 1)."""
