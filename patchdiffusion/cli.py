@@ -2,6 +2,8 @@
 
     patchdiff train  [--method M] [--data SRC] [--run DIR] [--resume] [key=value ...]
     patchdiff sample --run DIR --num N --seed S [--sampler heun] [--steps 18] --out DIR
+    patchdiff patchdm init-codes --data D --clip PATH --out codes.safetensors   Patch-DM's CLIP-initialised codes
+    patchdiff train-codes --run DIR        Patch-DM's latent code model
     patchdiff data convert --source SRC --dest X.zip|X.lmdb|DIR [--resolution WxH] [--transform center-crop]
     patchdiff config [--method M]          print a method's full default config as YAML
     patchdiff bench NAME                   speed/memory benchmarks (ratios measured side by side)
@@ -155,6 +157,21 @@ def cmd_sample(args, extra: list[str]) -> int:
     if args.size:
         height, width = parse_resolution(args.size)
     out = args.out or str(Path(args.run) / "generated")
+    if _run_method(args.run) == "patch_dm":  # canvases of any size, memory-bounded (patchdiffusion/tiling.py)
+        from patchdiffusion.tiling import generate_canvases
+
+        paths = generate_canvases(
+            args.run, out, num=args.num, seed=args.seed, height=height, width=width, sampler=args.sampler,
+            steps=args.steps, guidance=args.guidance, eta=args.eta, code_from=args.code_from, storage=args.canvas,
+            patch_batch=args.patch_batch, npy=args.npy, device=args.device, use_ema=not args.no_ema,
+            progress=not args.no_progress,
+        )
+        print(f"wrote {len(paths)} files to {out}")
+        return 0
+    if args.code_from is not None:
+        from patchdiffusion.config import ConfigError
+
+        raise ConfigError("--code-from is for patch_dm runs (their per-image semantic codes)")
     paths = generate_images(
         args.run, out, num=args.num, seed=args.seed, batch_size=args.batch, sampler=args.sampler,
         steps=args.steps, guidance=args.guidance, class_label=args.class_label, height=height, width=width,
@@ -163,6 +180,46 @@ def cmd_sample(args, extra: list[str]) -> int:
         patch_batch=args.patch_batch,
     )
     print(f"wrote {len(paths)} images and grid.png to {out}")
+    return 0
+
+
+def _run_method(run_dir: str) -> str | None:
+    """The method of a run directory (None when it has no readable config; generate_images then says why)."""
+    from patchdiffusion.config import load_config
+
+    try:
+        return load_config(Path(run_dir) / "config.yaml").method
+    except (_user_errors()):
+        return None
+
+
+def cmd_patchdm(args, extra: list[str]) -> int:
+    from patchdiffusion.codes import init_codes
+    from patchdiffusion.config import ConfigError, parse_resolution
+
+    if args.patchdm_command != "init-codes":
+        args.patchdm_parser.print_help()
+        return 2
+    if extra:
+        raise ConfigError(f"unexpected arguments: {' '.join(extra)}")
+    resolution = None
+    if args.resolution:
+        h, w = parse_resolution(args.resolution)
+        resolution = (w, h)
+    codes = init_codes(args.data, args.clip, args.out, resolution=resolution, batch_size=args.batch,
+                       device=args.device, progress=not args.no_progress)
+    print(f"wrote {codes.shape[0]} codes of width {codes.shape[1]} to {args.out} "
+          f"(train with model.codes_path={args.out} model.net.code_dim={codes.shape[1]})")
+    return 0
+
+
+def cmd_train_codes(args, extra: list[str]) -> int:
+    from patchdiffusion.codes import train_codes_for_run
+
+    report = train_codes_for_run(args.run, _split_overrides(extra), device=args.device, num_eval=args.num_eval,
+                                 progress=not args.no_progress)
+    print(f"Fréchet distance to the code table: sampled codes {report['fd_sampled']:.4g}, "
+          f"N(0, I) noise {report['fd_gaussian_noise']:.4g}")
     return 0
 
 
@@ -275,15 +332,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--S_max", type=float, help="churn only for sigma <= S_max")
     p.add_argument("--S_noise", type=float, help="noise inflation of the churn, e.g. 1.003")
     p.add_argument("--eta", type=float, help="DDIM stochasticity (0 = deterministic)")
-    p.add_argument("--patch-batch", type=int, help="patch_ddpm: grid cells per network call (memory vs speed; 0 = all)")
+    p.add_argument("--patch-batch", type=int, help="patch_ddpm: grid cells per network call (memory vs speed; 0 = all); patch_dm: encoder patches per call")
     p.add_argument("--class", dest="class_label", type=int, help="class label to generate")
     p.add_argument("--size", help="canvas size N or WxH (default: the training size)")
     p.add_argument("--batch", type=int, default=16, help="images per batch (memory), does not change results")
     p.add_argument("--out", help="output folder (default: RUN/generated)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--code-from", type=int, help="patch_dm: use this training image's semantic code (style reuse)")
+    p.add_argument("--canvas", default="auto", choices=["auto", "memory", "disk"],
+                   help="patch_dm: keep the canvas in host memory or memory-mapped on disk (auto: disk above 4M pixels)")
+    p.add_argument("--npy", action="store_true", help="patch_dm: also write each canvas as float32 .npy")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("patchdm", help="Patch-DM tools: init-codes (CLIP embeddings of the training images)")
+    pdm_sub = p.add_subparsers(dest="patchdm_command", metavar="ACTION")
+    c = pdm_sub.add_parser("init-codes", help="initial semantic codes: the CLIP image embedding of every training image")
+    c.add_argument("--data", required=True, help="the training data source (folder, .zip, .lmdb, builtin:NAME)")
+    c.add_argument("--clip", required=True, help="local CLIPVisionModelWithProjection directory (save_pretrained)")
+    c.add_argument("--out", required=True, help="output .safetensors (key 'codes', one row per image)")
+    c.add_argument("--resolution", help="the training resolution N or WxH the images are read at (as data.resolution)")
+    c.add_argument("--batch", type=int, default=128, help="images per CLIP batch (default 128, the reference's)")
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_patchdm, patchdm_parser=p)
+
+    p = sub.add_parser("train-codes", help="patch_dm: train the latent code model on a run's learned codes")
+    p.add_argument("--run", required=True, help="a patch_dm run directory; the model goes to RUN/codes_model/")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--num-eval", type=int, default=0, help="codes sampled for the Fréchet report (default max(2N, 256))")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train_codes)
 
     p = sub.add_parser("data", help="prepare data sets")
     data_sub = p.add_subparsers(dest="data_command", metavar="ACTION")

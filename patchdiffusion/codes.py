@@ -282,7 +282,7 @@ def train_code_model(codes: torch.Tensor, config: LatentCodeConfig, device: str 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if log and (step + 1) % max(1, config.steps // 10) == 0:
             log(f"train-codes: step {step + 1}/{config.steps}, loss {np.mean(losses[-50:]):.4f}")
     return LatentCodeModel(net.eval(), config, mean.cpu(), std.cpu()), losses
