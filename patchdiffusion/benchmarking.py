@@ -16,6 +16,8 @@ BENCHMARKS = {
     "patch-quality": ("patch_quality", "SWD per training CPU time and on a 5% subset: Patch Diffusion vs full-image, 32²"),
     "patch-ddpm-memory": ("patch_ddpm_memory", "Patch-based DDPM: peak working memory of sampling for N = 1, 2, 4, 8"),
     "patch-ddpm-quality": ("patch_ddpm_quality", "Patch-based DDPM in miniature: SWD and seam score, N = 1, 2, 4 ± GCC"),
+    "dimr-comparison": ("dimr_comparison", "DiMR-tiny vs a U-Net of similar FLOPs, same recipe and CPU budget: SWD on digits"),
+    "dimr-class-conditioning": ("dimr_class_conditioning", "DiMR-tiny on digits: samples classified as the requested digit, ± guidance"),
 }
 
 
