@@ -18,6 +18,8 @@ BENCHMARKS = {
     "patch-ddpm-quality": ("patch_ddpm_quality", "Patch-based DDPM in miniature: SWD and seam score, N = 1, 2, 4 ± GCC"),
     "dimr-comparison": ("dimr_comparison", "DiMR-tiny vs a U-Net of similar FLOPs, same recipe and CPU budget: SWD on digits"),
     "dimr-class-conditioning": ("dimr_class_conditioning", "DiMR-tiny on digits: samples classified as the requested digit, ± guidance"),
+    "patch-dm-memory": ("patch_dm_memory", "Patch-DM: peak memory of 256², 1024², 4096² canvases, in RAM and memmapped"),
+    "patch-dm-seams": ("patch_dm_seams", "Patch-DM: seam score of 4×-larger canvases with and without collage; codes FD"),
 }
 
 

@@ -175,7 +175,7 @@ def sample_canvas(method, net, height: int, width: int, *, seed: int, code: torc
                 eps = eps[1:] + guidance * (eps[:1] - eps[1:])
             m_top, m_left = tile.row * p - top, tile.col * p - left
             x = region[None, :, m_top:m_top + tile.rows * p, m_left:m_left + tile.cols * p]  # the tile's own pixels
-            x0 = (x - sigma * eps).clamp(-1, 1)  # clip_denoised, after guidance
+            x0 = method.x0_from_output(x, sigma, eps).clamp(-1, 1)  # clip_denoised, after guidance
             rows, cols = range(tile.row, tile.row + tile.rows), range(tile.col, tile.col + tile.cols)
 
             def noise_fn(like, rows=rows, cols=cols, step=i):

@@ -270,3 +270,15 @@ def test_cli_train_codes_and_sample(tmp_path):
     assert Image.open(tmp_path / "reuse" / "000000.png").size == (48, 32)
     assert main(["sample", "--run", str(run), "--size", "40x32", "--num", "1", "--out", str(out),
                  "--no-progress"]) == 2  # not a multiple of the patch size: a clear error
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_x0_from_each_prediction(prediction):
+    """A net that outputs the exact target recovers x0 at any σ (the conversion sampling uses)."""
+    method, _ = make(f"model.prediction={prediction}")
+    x0, n = torch.rand(2, 3, 16, 16) * 2 - 1, torch.randn(2, 3, 16, 16)
+    sigma = torch.tensor([0.3, 40.0]).view(2, 1, 1, 1)
+    alpha = 1 / (1 + sigma**2).sqrt()
+    a, s = alpha, alpha * sigma  # √ᾱ, √(1 − ᾱ)
+    target = {"eps": n, "v": a * n - s * x0, "x0": x0}[prediction]
+    torch.testing.assert_close(method.x0_from_output(x0 + sigma * n, sigma, target), x0, atol=1e-4, rtol=1e-4)

@@ -59,6 +59,7 @@ class PatchDMConfig:
     collage: bool = True                 # feature collage (false: the no-collage ablation, patches decoded alone)
     schedule: str = "linear"             # β schedule (linear 1e-4..0.02, as the reference)
     timesteps: int = 1000                # T
+    prediction: str = "eps"              # what the net predicts: eps (the paper) | v (learns faster on tiny budgets) | x0
     code_dropout: float = 0.1            # CFG training: share of images whose code is zeroed (paper --cfg: 0.1)
     position_dropout: float = 0.5        # CFG training: share of images whose position embedding is zeroed (0.5)
     codes_path: str = ""                 # initial codes (patchdiff patchdm init-codes); "" = N(0, code_init_std²)
@@ -107,7 +108,7 @@ def read_region(canvas, top: int, bottom: int, left: int, right: int) -> torch.T
 
 
 class PatchPredictor:
-    """ε of tiles of canvases from the collage net: the one piece both sampling paths share.
+    """The net's output (ε, or v / x0) over tiles of canvases from the collage net: the one piece both sampling paths share.
 
     A call gets the VP-scaled input regions of J tiles of one shape (each with its p/2 margin when
     collaging) and returns ε over the tiles' own pixels, (J, C, rows·p, cols·p)."""
@@ -192,6 +193,8 @@ class PatchDMMethod(Method):
         for name in ("code_dropout", "position_dropout"):
             if not 0 <= getattr(cfg, name) <= 1:
                 raise ConfigError(f"model.{name} must be in [0, 1], got {getattr(cfg, name)}")
+        if cfg.prediction not in ("eps", "v", "x0"):
+            raise ConfigError(f"model.prediction must be 'eps', 'v' or 'x0', got {cfg.prediction!r}")
         if cfg.positions not in ("grid", "none"):
             raise ConfigError(f"model.positions must be 'grid' or 'none', got {cfg.positions!r}")
 
@@ -253,6 +256,8 @@ class PatchDMMethod(Method):
         mask = F.pad(torch.ones_like(images[:, :1]), (m, m, m, m))  # (B, 1, H + 2m, W + 2m)
         noise = rng.randn_like(x0).to(dev)
         x_t = (alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise) * mask
+        target = {"eps": noise, "x0": x0,  # v = √ᾱ ε − √(1 − ᾱ) x0 (Salimans & Ho 2022)
+                  "v": alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0}[cfg.prediction]
         # One random 2×2 group of cells (of the padded grid when collaging).
         cells_y, cells_x = ny + (1 if cfg.collage else 0), nx + (1 if cfg.collage else 0)
         gy, gx = min(2, cells_y), min(2, cells_x)
@@ -262,7 +267,7 @@ class PatchDMMethod(Method):
         def window(v):  # (B, ·, gy·p, gx·p) at each image's cell
             return torch.stack([v[b, :, top[b] * p:(top[b] + gy) * p, left[b] * p:(left[b] + gx) * p] for b in range(B)])
 
-        x_w, n_w, m_w = window(x_t), window(noise), window(mask)
+        x_w, n_w, m_w = window(x_t), window(target), window(mask)
         patches = cut_grid(x_w, gy, gx)  # (B·gy·gx, C, p, p)
         k = gy * gx
         cell = torch.stack(torch.meshgrid(torch.arange(gx), torch.arange(gy), indexing="xy"), -1).reshape(1, k, 2)
@@ -298,8 +303,18 @@ class PatchDMMethod(Method):
         p = self.patch_size
         return plan_tiles(height // p, width // p, self.config.patch_batch, self.config.collage)
 
-    def eps_of_canvas(self, net, x_vp: torch.Tensor, t: torch.Tensor, code, position_keep) -> torch.Tensor:
-        """ε (B, C, H, W) of VP-scaled canvases x_vp, tile by tile (bounded activation memory)."""
+    def x0_from_output(self, x: torch.Tensor, sigma, out: torch.Tensor) -> torch.Tensor:
+        """x0 in EDM coordinates from the net's output at x = x0 + σ n (x_vp = α x, σ_vp = α σ, α = 1/√(1+σ²))."""
+        pred = self.config.prediction
+        if pred == "eps":
+            return x - sigma * out  # x0 = (x_vp − σ_vp ε)/α
+        alpha = 1 / (1 + sigma**2) ** 0.5
+        if pred == "v":
+            return alpha**2 * x - alpha * sigma * out  # x0 = α x_vp − σ_vp v
+        return out
+
+    def output_of_canvas(self, net, x_vp: torch.Tensor, t: torch.Tensor, code, position_keep) -> torch.Tensor:
+        """The net's output (ε, v or x0) over VP-scaled canvases x_vp (B, C, H, W), tile by tile (bounded memory)."""
         predictor = self.predictor(net)
         B, C, H, W = x_vp.shape
         p, extra = self.patch_size, 1 if self.config.collage else 0
@@ -325,8 +340,8 @@ class PatchDMMethod(Method):
             sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(B)
             alpha, _ = vp_coefficients(sigma)
             t = schedule.sigma_to_t(sigma)  # (B,) continuous timestep labels
-            eps = self.eps_of_canvas(net, x * alpha.view(B, 1, 1, 1), t, code, position_keep)
-            return x - sigma.view(B, 1, 1, 1) * eps  # x0 = x − σ ε in EDM coordinates
+            out = self.output_of_canvas(net, x * alpha.view(B, 1, 1, 1), t, code, position_keep)
+            return self.x0_from_output(x, sigma.view(B, 1, 1, 1), out)
 
         return collage_denoiser
 

@@ -1,0 +1,172 @@
+"""Patch-DM's seamlessness, measured: seam score of canvases larger than anything the model saw.
+
+Two runs trained the same way on built-in data (the `patch-dm-cpu` preset: 64² textures cut into
+32² patches), one with the feature collage and one without (`model.collage=false`, each patch
+decoded from its own features), sample `--num` canvases of `--size` (default 256², 4× the training
+side) with the same codes (training image i's code for canvas i) and the same per-patch noise, via
+the memory-bounded loop (`tiling.sample_canvas`). The seam score (patchdiffusion/eval/seam.py) is
+taken on the grid of output patches (offset 0; where a patch-wise model's seams lie) and on the
+grid shifted by p/2 (the collage's encoder patches), beside real images of the same family at the
+same size (whose score is 1.0 up to noise). Issue 7's target: ≤ 1.05 with the collage.
+
+    python -m benchmarks.patch_dm_seams --collage-run RUN --plain-run RUN [--size 256] [--num 5] [--steps 25]
+
+Writes DIR/patch_dm_seams.json and .png (samples of both runs, and the scores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from benchmarks.common import machine_info, write_results
+
+
+def sample_run(run: str, size: tuple[int, int], num: int, steps: int, guidance: float, positions: str | None,
+               device: torch.device) -> tuple[np.ndarray, dict]:
+    """`num` canvases (N, 3, H, W) uint8 of a run, canvas i with training image i's code and seed i."""
+    from patchdiffusion.sample import load_run
+    from patchdiffusion.tiling import sample_canvas
+
+    loaded = load_run(run, device)
+    method, net = loaded.method, loaded.net
+    if positions:
+        method.config.positions = positions
+    table = method.code_table(net)
+    images, seconds = [], 0.0
+    for i in range(num):
+        result = sample_canvas(method, net, size[0], size[1], seed=i, code=table[i % len(table)], steps=steps,
+                               guidance=guidance, device=device)
+        seconds += result.seconds
+        images.append(np.clip(np.round((np.array(result.store.current) + 1) * 127.5), 0, 255).astype(np.uint8))
+        result.store.close()
+    info = dict(run=run, collage=method.config.collage, patch_size=method.patch_size, positions=method.config.positions,
+                checkpoint=str(loaded.checkpoint.path), seconds_per_canvas=seconds / num)
+    return np.stack(images), info
+
+
+def seam_scores(images: np.ndarray, p: int) -> dict:
+    from patchdiffusion.eval.seam import seam_score
+
+    x = torch.from_numpy(images)
+    on_grid = seam_score(x, p)
+    shifted = seam_score(x, p, offset=(p // 2, p // 2))
+    return dict(output_grid=on_grid.score, output_grid_boundary_step=on_grid.boundary_step,
+                output_grid_interior_step=on_grid.interior_step, shifted_grid=shifted.score)
+
+
+def real_images(source: str, size: tuple[int, int], num: int) -> np.ndarray:
+    from patchdiffusion.data import open_source
+
+    spec = source.split("?")[0]
+    src = open_source(spec, resolution=(size[1], size[0]))
+    return np.stack([src.read(i).transpose(2, 0, 1) for i in range(num)])
+
+
+def run(args, command: str) -> dict:
+    from patchdiffusion.config import load_config, parse_resolution
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    config = load_config(os.path.join(args.collage_run, "config.yaml"))
+    size = parse_resolution(args.size) if args.size else tuple(4 * s for s in config.data.resolution)
+    cases, samples = {}, {}
+    for name, run_dir, positions in (("collage", args.collage_run, args.positions),
+                                     ("no collage", args.plain_run, args.positions)):
+        start = time.time()
+        images, info = sample_run(run_dir, size, args.num, args.steps, args.guidance, positions, device)
+        info.update(seam_scores(images, info["patch_size"]), wall_s=time.time() - start)
+        cases[name], samples[name] = info, images
+        print(f"{name:10s}: seam score {info['output_grid']:.3f} on the output patch grid, "
+              f"{info['shifted_grid']:.3f} on the shifted grid ({info['seconds_per_canvas']:.0f} s per canvas)", flush=True)
+    real = real_images(config.data.source, size, args.num)
+    cases["real images"] = dict(seam_scores(real, config.model.net.patch_size), source=config.data.source)
+    samples["real images"] = real
+    print(f"real      : seam score {cases['real images']['output_grid']:.3f}", flush=True)
+    target = cases["collage"]["output_grid"]
+    report = dict(
+        benchmark="patch_dm_seams", command=command, machine=machine_info(device),
+        note=("seam score = mean |pixel step| across patch boundaries / the same within 2 pixels beside them "
+              "(1.0 = seamless); output_grid: boundaries of the decoded patches (offset 0), shifted_grid: offset p/2. "
+              "Canvas i of both runs uses training image i's code and the same per-patch noise seeds."),
+        config=dict(size=list(size), num=args.num, steps=args.steps, guidance=args.guidance, sampler="ddim",
+                    positions=args.positions or "as trained", training_resolution=list(config.data.resolution)),
+        results=cases,
+        checks={"collage seam score <= 1.05": dict(value=target, limit=1.05, holds=target <= 1.05)},
+    )
+    report["all_hold"] = all(c["holds"] for c in report["checks"].values())
+    report["_samples"] = samples
+    return report
+
+
+def plot(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    samples = report.pop("_samples", None)
+    names = list(report["results"])
+    show = min(report["config"]["num"], 4)
+    fig, axes = plt.subplots(len(names), show + 1, figsize=(3 * (show + 1), 3 * len(names)),
+                             gridspec_kw=dict(width_ratios=[1] * show + [0.9]))
+    for row, name in enumerate(names):
+        for col in range(show):
+            ax = axes[row][col]
+            if samples is not None:
+                ax.imshow(samples[name][col].transpose(1, 2, 0))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if col == 0:
+                ax.set_ylabel(name)
+        r = report["results"][name]
+        ax = axes[row][show]
+        ax.bar(["output grid", "shifted"], [r["output_grid"], r["shifted_grid"]], color=["tab:blue", "tab:gray"])
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.axhline(1.05, color="tab:red", lw=0.8, ls="--")
+        ax.set_ylim(0.8, max(1.6, r["output_grid"] + 0.1))
+        ax.set_title(f"seam {r['output_grid']:.3f}", fontsize=9)
+    c = report["config"]
+    fig.suptitle(f"Patch-DM: {c['size'][1]}x{c['size'][0]} canvases from a model trained on "
+                 f"{c['training_resolution'][1]}x{c['training_resolution'][0]} images ({c['steps']} DDIM steps, "
+                 f"guidance {c['guidance']}); red: the 1.05 target", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="patchdiff bench patch-dm-seams", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--collage-run", required=True, help="a patch_dm run trained with the collage")
+    parser.add_argument("--plain-run", required=True, help="the same recipe with model.collage=false")
+    parser.add_argument("--size", help="canvas N or WxH (default: 4× the training size per side)")
+    parser.add_argument("--num", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=1.5)
+    parser.add_argument("--positions", choices=["grid", "none"], help="override the runs' model.positions")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = parser.parse_args(argv)
+    command = "python -m benchmarks.patch_dm_seams " + " ".join(argv if argv is not None else sys.argv[1:])
+    report = run(args, command.strip())
+    samples = report["_samples"]
+
+    def plot_with_samples(rep, path):
+        rep["_samples"] = samples
+        plot(rep, path)
+
+    report_json = {k: v for k, v in report.items() if k != "_samples"}
+    stem = write_results(report_json, args.out_dir, "patch_dm_seams", torch.device(args.device), plot_with_samples)
+    print(f"wrote {stem}.json and {stem}.png; collage seam score ≤ 1.05: {report['all_hold']}")
+    return 0 if report["all_hold"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
