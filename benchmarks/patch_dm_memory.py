@@ -160,7 +160,8 @@ def run(args, command: str) -> dict:
     small, large = str(min(args.sides)), str(max(args.sides))
     disk = results["disk"]
     ratio = disk[large]["anon_peak_mib"] / disk[small]["anon_peak_mib"]
-    checks = {f"disk: peak RssAnon {large}² <= {TARGET}x {small}²": dict(ratio=ratio, limit=TARGET, holds=ratio <= TARGET)}
+    name = f"disk: peak RssAnon {large}² <= {TARGET}x {small}²"
+    checks = {name: dict(ratio=ratio, limit=TARGET, holds=ratio <= TARGET)}
     return dict(
         benchmark="patch_dm_memory", command=command, machine=machine_info(torch.device(args.device)),
         note=("each case in a fresh process. working = VmHWM − VmRSS after loading (high-water mark reset through "
@@ -189,7 +190,8 @@ def plot(report: dict, path: str) -> None:
                 label=f"{storage}: peak working (VmHWM − loaded)")
         ax.plot(sides, [results[storage][s]["anon_working_mib"] for s in sides], "s--", color=color,
                 label=f"{storage}: peak anonymous (RssAnon − loaded)")
-    ax.plot(sides, [results["memory"][s]["canvas_arrays_mib"] for s in sides], "k:", label="canvas arrays (x_t, x_t−1)")
+    ax.plot(sides, [results["memory"][s]["canvas_arrays_mib"] for s in sides], "k:",
+            label="canvas arrays (x_t, x_t−1)")
     ax.set_yscale("log")
     ax.set_xlabel("canvas side (pixels)")
     ax.set_ylabel("MiB")
@@ -199,7 +201,8 @@ def plot(report: dict, path: str) -> None:
     ax.grid(alpha=0.3)
     ax = axes[1]
     for storage, color in zip(STORAGES, ("tab:blue", "tab:green")):
-        ax.plot(sides, [results[storage][s]["s_per_megapixel_per_step"] for s in sides], "o-", color=color, label=storage)
+        ax.plot(sides, [results[storage][s]["s_per_megapixel_per_step"] for s in sides], "o-", color=color,
+                label=storage)
     ax.set_xlabel("canvas side (pixels)")
     ax.set_ylabel("s per megapixel per DDIM step")
     ax.set_title("time (CPU shared with other jobs)", fontsize=9)

@@ -334,6 +334,7 @@ def train_codes_for_run(run_dir: str | Path, overrides: list[str] | None = None,
               **code_frechet_report(table, sampled)}
     (folder / "report.json").write_text(json.dumps(report, indent=2))
     log(f"train-codes: saved {folder}; Fréchet distance to the table: sampled {report['fd_sampled']:.4g}, "
-        f"N(0, I) noise {report['fd_gaussian_noise']:.4g}, marginal-matched noise {report['fd_marginal_matched_noise']:.4g}")
+        f"N(0, I) noise {report['fd_gaussian_noise']:.4g}, "
+        f"marginal-matched noise {report['fd_marginal_matched_noise']:.4g}")
     return report
 

@@ -169,13 +169,13 @@ def sample_canvas(method, net, height: int, width: int, *, seed: int, code: torc
             region = store.read(top, bottom, left, right).to(device)  # (C, Hr, Wr), VE coordinates
             x_vp = (region * alpha)[None]  # (1, C, Hr, Wr)
             n = 2 if guidance != 1.0 else 1
-            eps = predictor(x_vp.expand(n, -1, -1, -1), [tile] * n, t.expand(n), cond_code, keep)
+            out = predictor(x_vp.expand(n, -1, -1, -1), [tile] * n, t.expand(n), cond_code, keep)  # ε, v or x0
             calls += 1
-            if n == 2:  # classifier-free guidance: ε_u + s(ε_c − ε_u) (same as in x0, see guidance.py)
-                eps = eps[1:] + guidance * (eps[:1] - eps[1:])
+            if n == 2:  # classifier-free guidance: u + s(c − u); x0 is affine in the output, so as in x0
+                out = out[1:] + guidance * (out[:1] - out[1:])
             m_top, m_left = tile.row * p - top, tile.col * p - left
             x = region[None, :, m_top:m_top + tile.rows * p, m_left:m_left + tile.cols * p]  # the tile's own pixels
-            x0 = method.x0_from_output(x, sigma, eps).clamp(-1, 1)  # clip_denoised, after guidance
+            x0 = method.x0_from_output(x, sigma, out).clamp(-1, 1)  # clip_denoised, after guidance
             rows, cols = range(tile.row, tile.row + tile.rows), range(tile.col, tile.col + tile.cols)
 
             def noise_fn(like, rows=rows, cols=cols, step=i):
@@ -315,6 +315,7 @@ def generate_canvases(run_dir: str | Path, out_dir: str | Path, num: int = 1, se
         finally:
             result.store.close()
         log(f"canvas {seed + i}: {width}x{height}, {result.steps} {sampler} steps, {result.network_calls} net calls, "
-            f"{result.seconds:.1f} s ({result.seconds / (height * width / 1e6):.1f} s/megapixel), storage {storage}")
+            f"{result.seconds:.1f} s ({result.seconds / (height * width / 1e6):.1f} s/megapixel), "
+            f"storage {storage}")
     return paths
 

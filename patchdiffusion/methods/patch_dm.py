@@ -99,7 +99,7 @@ def plan_tiles(ny: int, nx: int, patch_batch: int, collage: bool = True) -> list
 def read_region(canvas, top: int, bottom: int, left: int, right: int) -> torch.Tensor:
     """canvas[..., top:bottom, left:right] with zeros outside the canvas (the collage's p/2 pad).
 
-    canvas: a torch tensor or a numpy array / memmap (C, H, W); returns a float tensor (C, bottom−top, right−left)."""
+    canvas: a torch tensor or a numpy array / memmap (C, H, W); returns a tensor (C, bottom−top, right−left)."""
     C, H, W = canvas.shape[-3:]
     y0, y1, x0, x1 = max(top, 0), min(bottom, H), max(left, 0), min(right, W)
     inside = canvas[..., y0:y1, x0:x1]
@@ -150,7 +150,8 @@ def packed_jobs(jobs: list[tuple[int, Tile]], patch_batch: int, extra: int) -> I
     for job in jobs:
         tile = job[1]
         size = (tile.rows + extra) * (tile.cols + extra)
-        if group and ((group[0][1].rows, group[0][1].cols) != (tile.rows, tile.cols) or (len(group) + 1) * size > patch_batch):
+        other_shape = group and (group[0][1].rows, group[0][1].cols) != (tile.rows, tile.cols)
+        if group and (other_shape or (len(group) + 1) * size > patch_batch):
             yield group
             group = []
         group.append(job)
@@ -265,7 +266,8 @@ class PatchDMMethod(Method):
         left = rng.randint(0, cells_x - gx + 1).reshape(B).cpu()
 
         def window(v):  # (B, ·, gy·p, gx·p) at each image's cell
-            return torch.stack([v[b, :, top[b] * p:(top[b] + gy) * p, left[b] * p:(left[b] + gx) * p] for b in range(B)])
+            return torch.stack([v[b, :, top[b] * p:(top[b] + gy) * p, left[b] * p:(left[b] + gx) * p]
+                                for b in range(B)])
 
         x_w, n_w, m_w = window(x_t), window(target), window(mask)
         patches = cut_grid(x_w, gy, gx)  # (B·gy·gx, C, p, p)
