@@ -46,21 +46,6 @@ PRESETS: dict[str, tuple[str, list[str]]] = {
             "train.sample_images=16", "sample.sampler=ddim", "sample.num_steps=50", "sample.guidance=1.5",
         ],
     ),
-    **{
-        f"{model}-imagenet256": (
-            f"{paper} as the reference config trains it (ImageNet-256 SD-VAE latents, batch 1024, 1M steps, AdamW "
-            "2e-4 / wd 0.03 / betas 0.99, 5k warm-up, EMA 0.9999, 250 DPM-Solver steps, guidance 1.4 = U-ViT's "
-            "0.4) — a multi-GPU job; set data.source and --vae",
-            [
-                "method=dimr", model_override(model, "dimr"), "data.resolution=256", "data.use_labels=true",
-                "model.latent=true", "model.net.checkpointing=true", "train.batch_size=1024", "train.steps=1000000",
-                "train.lr=2e-4", "train.weight_decay=0.03", "train.betas=[0.99,0.99]", "train.warmup_steps=5000",
-                "train.grad_clip=0", "train.ema_halflife_kimg=7097", "train.ema_rampup=0", "train.precision=bf16",
-                "sample.sampler=dpmpp_2m", "sample.num_steps=250", "sample.guidance=1.4",
-            ],
-        )
-        for model, paper in (("dimr-xl-2r", "DiMR-XL/2R (505M)"), ("dimr-g-2r", "DiMR-G/2R (1.06B)"))
-    },
     "dimr-tiny-digits": (
         "DiMR-tiny (1.3M) class-conditional on builtin:digits at 16² for a CPU (benchmarks/dimr_class_conditioning.py); "
         "DPM-Solver++(2M) 25 steps, guidance 4",
