@@ -33,12 +33,12 @@ PRESETS: dict[str, tuple[str, list[str]]] = {
         ],
     ),
     "patch-dm-cpu": (
-        "Patch-DM small enough for a CPU: builtin textures at 64² in 32² patches, a 0.8M-parameter collage "
+        "Patch-DM small enough for a CPU: builtin textures at 64² in 32² patches, a 1.1M-parameter collage "
         "U-Net, 64-d codes (init them with `patchdiff patchdm init-codes`), v-prediction (a CPU budget; the paper: ε); "
         "DDIM 50 steps, guidance 1.5",
         [
             "method=patch_dm", "data.source=builtin:textures?count=50", "data.resolution=64",
-            "model.net.patch_size=32", "model.net.model_channels=16", "model.net.channel_mult=[1,2,4]",
+            "model.net.patch_size=32", "model.net.model_channels=16", "model.net.channel_mult=[1,2,5]",
             "model.net.num_res_blocks=1", "model.net.attention_resolutions=[8]", "model.net.code_dim=64",
             "model.prediction=v", "model.latent.hidden=256", "model.latent.steps=3000", "model.latent.batch_size=256",
             "model.latent.lr=1e-3", "train.batch_size=8", "train.lr=2e-3", "train.warmup_steps=50",
