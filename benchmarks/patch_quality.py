@@ -21,7 +21,7 @@ images (`builtin:textures?seed=1`, crops never seen in training). The report ans
 
 Writes OUT/patch_quality.json, OUT/patch_quality.png (SWD against training CPU time) and
 OUT/patch_quality_<arm>.png (a grid of each run's final samples). `--evaluate-only` re-measures
-existing runs in the work directory.
+existing runs in the work directory, counting only checkpoints within the budgets given.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ SUBSET = "builtin:textures?count=50"       # 5%: the first 50 of the same images
 HELD_OUT = "builtin:textures?seed=1&count={count}"
 SAMPLE_SEED0 = 10_000                      # evaluation seeds: the same for every checkpoint and arm
 EVAL_BATCH = 64
+BUDGET_TOLERANCE = 1.02                    # the run stops after the step that crosses its budget
 
 # The CPU preset's network and optimiser (`patchdiffusion/presets.py`, patch-diffusion-cpu), for both arms.
 COMMON = [
@@ -146,13 +147,17 @@ def first_time_reaching(curve: list[tuple[float, float]], target: float) -> floa
     return None
 
 
-def evaluate(work_dir: Path, num_images: int, points: dict[str, int], jobs: int) -> dict:
+def evaluate(work_dir: Path, num_images: int, points: dict[str, int], jobs: int, budgets: dict[str, float]) -> dict:
+    """SWD curves of every arm; only checkpoints within the arm's CPU budget count (so a budget lower
+    than the one trained with compares the runs at that budget)."""
     from patchdiffusion import run as runs
 
     jobs_list = []
     for arm in ARMS:
         run_dir = work_dir / arm
-        steps = [c.step for c in runs.list_checkpoints(run_dir)]
+        cpu = checkpoint_cpu_seconds(run_dir)
+        limit = budgets[ARMS[arm][3]] * 60 * BUDGET_TOLERANCE
+        steps = [c.step for c in runs.list_checkpoints(run_dir) if cpu.get(c.step, float("inf")) <= limit]
         if not steps:
             raise SystemExit(f"{run_dir} has no checkpoints; train first")
         jobs_list += [(arm, str(run_dir), step) for step in pick_checkpoints(steps, points[ARMS[arm][3]])]
@@ -275,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"trained {arm}", flush=True)
     train_wall = time.time() - started
 
-    evaluated = evaluate(work_dir, args.images, {"main": args.points, "subset": args.subset_points}, args.jobs)
+    evaluated = evaluate(work_dir, args.images, {"main": args.points, "subset": args.subset_points}, args.jobs, budgets)
     report = {
         "benchmark": "patch-quality",
         "command": "python -m benchmarks.patch_quality " + " ".join(argv if argv is not None else sys.argv[1:]),
