@@ -35,7 +35,7 @@ from patchdiffusion.rng import SampleRNG, mix_seed
 from patchdiffusion.train import ema_beta, learning_rate, update_ema
 
 RESOLUTION = 16
-UNET = dict(model_channels=36, channel_mult=(1, 2, 2), num_res_blocks=2, attention_resolutions=(8,), head_channels=36)
+UNET = dict(model_channels=16, channel_mult=(1, 2, 4), num_res_blocks=2, attention_resolutions=(8,), head_channels=16)
 OPTIM = TrainConfig(lr=2e-3, betas=(0.9, 0.99), weight_decay=0.03, warmup_steps=50, ema_halflife_kimg=2.0,
                     ema_rampup=0.2)
 
@@ -83,7 +83,7 @@ class Trainee:
         update_ema(self.ema, self.net, ema_beta(OPTIM, (step + 1) * len(images), len(images)))
         self.wall += time.perf_counter() - start
         self.cpu += time.process_time() - cpu
-        self.losses.append(float(loss))
+        self.losses.append(float(loss.detach()))
 
 
 def load_digits() -> torch.Tensor:

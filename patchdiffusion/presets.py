@@ -47,7 +47,7 @@ PRESETS: dict[str, tuple[str, list[str]]] = {
         ],
     ),
     "dimr-tiny-digits": (
-        "DiMR-tiny (1.3M) class-conditional on builtin:digits at 16² for a CPU (benchmarks/dimr_class_conditioning.py); "
+        "DiMR-tiny (1.4M) class-conditional on builtin:digits at 16² for a CPU (benchmarks/dimr_class_conditioning.py); "
         "DPM-Solver++(2M) 25 steps, guidance 4",
         [
             "method=dimr", model_override("dimr-tiny", "dimr"), "data.source=builtin:digits", "data.resolution=16",

@@ -103,11 +103,11 @@ def _g() -> DiMRNetConfig:
 
 
 def _tiny() -> DiMRNetConfig:
-    # The XL/2R geometry (transformer on 2×2 patches, ConvNeXt at full size) at CPU scale; 10 classes
-    # for builtin:digits.
+    # Two stages like XL/2R at CPU scale, the transformer on 4×4 patches (16 tokens on a 16² image:
+    # cheap, and the class token is 1 of 17), ConvNeXt at full size; 10 classes for builtin:digits.
     return DiMRNetConfig(in_channels=3, num_classes=10, stages=(
-        StageConfig("transformer", dim=128, hidden_dim=256, num_blocks=5, heads=4, patch_size=2),
-        StageConfig("convnext", dim=64, hidden_dim=128, num_blocks=4, kernel_size=7),
+        StageConfig("transformer", dim=128, hidden_dim=256, num_blocks=5, heads=4, patch_size=4),
+        StageConfig("convnext", dim=32, hidden_dim=64, num_blocks=4, kernel_size=7),
     ))
 
 
