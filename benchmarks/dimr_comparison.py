@@ -3,7 +3,7 @@
 Both networks train with DiMR's recipe (`methods/dimr.py`: Stable Diffusion β schedule, ε-prediction,
 DPM-Solver++(2M) sampling); only the backbone differs. The U-Net (`nets/unet.py`, ADM family, time
 embedding + scale/shift norms) predicts one ε and is weighted like DiMR's final stage; DiMR-tiny adds
-its 8×8 stage's ε at weight 1/4. Both are unconditional here (num_classes 0).
+its 4×4 stage's ε at weight 1/4. Both are unconditional here (num_classes 0).
 
 Budget: `--minutes` of CPU time for both together, spent in the same steps, batch and data order for
 both, steps interleaved (one DiMR step, one U-Net
@@ -131,11 +131,11 @@ def run(minutes: float, batch: int, samples: int, sample_steps: int, out_dir: st
             parameters=sum(p.numel() for p in trainee.net.parameters()), gflops_per_image=cost,
             train_wall_s=trainee.wall, train_cpu_s=trainee.cpu, ms_per_step_wall=1e3 * trainee.wall / step,
             final_loss_mean_last_50=sum(trainee.losses[-50:]) / len(trainee.losses[-50:]), losses=trainee.losses,
-            swd_x1e3=swd.mean, sample_seconds=sample_seconds,
+            swd_x1e3=swd.average, sample_seconds=sample_seconds,
         )
         grids[name] = generated[:64]
         print(f"{name:10s} {results[name]['parameters'] / 1e6:.2f}M params, {cost:.3f} GFLOPs, "
-              f"{results[name]['ms_per_step_wall']:.0f} ms/step, SWD {swd.mean:.1f}")
+              f"{results[name]['ms_per_step_wall']:.0f} ms/step, SWD {swd.average:.1f}")
     report = dict(
         benchmark="dimr_comparison", command=command, machine=machine_info(torch.device("cpu")),
         note="CPU shared with other jobs, one torch thread; the two models' steps are interleaved; the budget is "
@@ -144,7 +144,7 @@ def run(minutes: float, batch: int, samples: int, sample_steps: int, out_dir: st
                     samples=samples, sample_steps=sample_steps, sampler="dpmpp_2m", unet=UNET,
                     optimizer=dict(lr=OPTIM.lr, betas=OPTIM.betas, weight_decay=OPTIM.weight_decay,
                                    warmup_steps=OPTIM.warmup_steps, ema_halflife_kimg=OPTIM.ema_halflife_kimg)),
-        real_vs_real_swd_x1e3=floor.mean, results=results,
+        real_vs_real_swd_x1e3=floor.average, results=results,
     )
     write_results(report, out_dir, "dimr_comparison", torch.device("cpu"), lambda r, p: plot(r, p, grids, real_a[:64]))
     return report
@@ -179,7 +179,7 @@ def plot(report: dict, path: str, grids: dict, real: torch.Tensor) -> None:
         ax.plot(smooth, label=f"{name} ({r['ms_per_step_wall']:.0f} ms/step)")
     ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss (moving mean; DiMR's includes its 1/4-weighted 8×8 term)")
+    ax.set_ylabel("training loss (moving mean; DiMR's includes its 1/4-weighted 4×4 term)")
     ax.legend(fontsize=8)
     c = report["config"]
     fig.suptitle(f"DiMR-tiny vs U-Net, same recipe and budget: {c['steps']} steps × batch {c['batch']} on builtin:digits "
