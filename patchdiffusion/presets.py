@@ -48,12 +48,12 @@ PRESETS: dict[str, tuple[str, list[str]]] = {
     ),
     "dimr-tiny-digits": (
         "DiMR-tiny (1.4M) class-conditional on builtin:digits at 16² for a CPU (benchmarks/dimr_class_conditioning.py); "
-        "DPM-Solver++(2M) 25 steps, guidance 4",
+        "DPM-Solver++(2M) 25 steps, guidance 6",
         [
             "method=dimr", model_override("dimr-tiny", "dimr"), "data.source=builtin:digits", "data.resolution=16",
             "data.use_labels=true", "data.hflip=false", "train.batch_size=32", "train.lr=2e-3", "train.betas=[0.9,0.99]",
             "train.weight_decay=0.03", "train.warmup_steps=50", "train.ema_halflife_kimg=2", "train.ema_rampup=0.2",
-            "train.steps=1500", "train.sample_images=20", "sample.num_steps=25", "sample.guidance=4",
+            "train.steps=2500", "train.sample_images=20", "sample.num_steps=25", "sample.guidance=6",
         ],
     ),
 }
