@@ -52,7 +52,7 @@ def test_disk_and_memory_and_patch_batch_agree():
         runs.append(np.array(result.store.current))
         result.store.close()
     assert np.array_equal(runs[0], runs[1])
-    np.testing.assert_allclose(runs[0], runs[2], atol=1e-5)
+    np.testing.assert_allclose(runs[0], runs[2], atol=2e-4)  # batch size changes float summation order
 
 
 def test_unsupported_sampler_and_size():
