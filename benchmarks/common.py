@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 from typing import Callable
 
 import torch
@@ -31,3 +32,22 @@ def write_results(report: dict, out_dir: str, name: str, device: torch.device, p
         json.dump(report, f, indent=2)
     plot(report, stem + ".png")
     return stem
+
+
+# -- process memory (Linux /proc), for working-memory benchmarks run in fresh subprocesses ---------
+
+
+def proc_status_kib(*keys: str) -> dict[str, int]:
+    """Fields of /proc/self/status in KiB, e.g. proc_status_kib("VmRSS", "VmHWM", "RssAnon")."""
+    text = open("/proc/self/status").read()
+    return {k: int(re.search(rf"^{k}:\s+(\d+) kB", text, re.M).group(1)) for k in keys}
+
+
+def reset_high_water_mark() -> bool:
+    """Reset VmHWM to the current RSS (writing 5 to clear_refs); False where the kernel refuses."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False

@@ -29,14 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
 
 import torch
 
-from benchmarks.common import machine_info, write_results
+from benchmarks.common import machine_info, proc_status_kib, reset_high_water_mark, write_results
 
 DIVIDERS = (1, 2, 4, 8)
 CASES = (("16×128²", 16, 128), ("1×256²", 1, 256), ("1×512²", 1, 512))  # (name, batch, side)
@@ -46,20 +45,6 @@ MIB = 2**20
 
 # ------------------------------------------------------------------------------------------------
 # the measured process
-
-
-def _status_kib(*keys: str) -> dict[str, int]:
-    text = open("/proc/self/status").read()
-    return {k: int(re.search(rf"^{k}:\s+(\d+) kB", text, re.M).group(1)) for k in keys}
-
-
-def _reset_high_water_mark() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def measure(divider: int, batch: int, side: int, patch_batch: int, steps: int, dim: int, mults: list[int],
@@ -89,8 +74,8 @@ def measure(divider: int, batch: int, side: int, patch_batch: int, steps: int, d
         torch.cuda.reset_peak_memory_stats(dev)
         loaded = torch.cuda.memory_allocated(dev)
     else:
-        out["hwm_reset"] = _reset_high_water_mark()
-        loaded = _status_kib("VmRSS")["VmRSS"] * 1024
+        out["hwm_reset"] = reset_high_water_mark()
+        loaded = proc_status_kib("VmRSS")["VmRSS"] * 1024
     start, cpu_start = time.perf_counter(), time.process_time()
     images = method.sample(net, rng, steps=steps, patch_batch=patch_batch,
                            callback=lambda info: calls.append(time.perf_counter()))
@@ -98,7 +83,7 @@ def measure(divider: int, batch: int, side: int, patch_batch: int, steps: int, d
         torch.cuda.synchronize(dev)
         peak = torch.cuda.max_memory_allocated(dev)
     else:
-        peak = _status_kib("VmHWM")["VmHWM"] * 1024
+        peak = proc_status_kib("VmHWM")["VmHWM"] * 1024
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     out.update(after_load_mib=loaded / MIB, peak_mib=peak / MIB, working_mib=(peak - loaded) / MIB,
                walk_s=wall, s_per_call=wall / steps, cpu_s_per_call=cpu / steps, finite=bool(torch.isfinite(images).all()),

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -35,26 +34,12 @@ import time
 
 import torch
 
-from benchmarks.common import machine_info, write_results
+from benchmarks.common import machine_info, proc_status_kib, reset_high_water_mark, write_results
 
 SIDES = (256, 1024, 4096)
 STORAGES = ("memory", "disk")
 TARGET = 1.3  # issue 7: RssAnon of 4096² within 1.3× of 256² with the canvas on disk
 MIB = 2**20
-
-
-def _status_kib(*keys: str) -> dict[str, int]:
-    text = open("/proc/self/status").read()
-    return {k: int(re.search(rf"^{k}:\s+(\d+) kB", text, re.M).group(1)) for k in keys}
-
-
-def _reset_high_water_mark() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 class AnonPoller:
@@ -66,7 +51,7 @@ class AnonPoller:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, _status_kib("RssAnon")["RssAnon"] * 1024)
+            self.peak = max(self.peak, proc_status_kib("RssAnon")["RssAnon"] * 1024)
             time.sleep(self.interval)
 
     def __enter__(self):
@@ -76,7 +61,7 @@ class AnonPoller:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _status_kib("RssAnon")["RssAnon"] * 1024)
+        self.peak = max(self.peak, proc_status_kib("RssAnon")["RssAnon"] * 1024)
 
 
 def build(preset: str, patch_batch: int, channels: int = 0):
@@ -113,9 +98,9 @@ def measure(side: int, storage: str, patch_batch: int, steps: int, preset: str, 
         torch.cuda.reset_peak_memory_stats(dev)
         loaded = torch.cuda.memory_allocated(dev)
     else:
-        out["hwm_reset"] = _reset_high_water_mark()
-        loaded = _status_kib("VmRSS")["VmRSS"] * 1024
-    anon_loaded = _status_kib("RssAnon")["RssAnon"] * 1024
+        out["hwm_reset"] = reset_high_water_mark()
+        loaded = proc_status_kib("VmRSS")["VmRSS"] * 1024
+    anon_loaded = proc_status_kib("RssAnon")["RssAnon"] * 1024
     start = time.perf_counter()
     with AnonPoller() as poller:
         result = sample_canvas(method, net, side, side, seed=0, code=code, steps=steps, guidance=guidance,
@@ -123,7 +108,7 @@ def measure(side: int, storage: str, patch_batch: int, steps: int, preset: str, 
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
     wall = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else _status_kib("VmHWM")["VmHWM"] * 1024
+    peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else proc_status_kib("VmHWM")["VmHWM"] * 1024
     finite = bool(torch.isfinite(torch.from_numpy(result.store.current[:, :64, :64].copy())).all())
     result.store.close()
     mp = side * side / 1e6

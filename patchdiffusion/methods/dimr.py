@@ -34,6 +34,7 @@ from patchdiffusion.config import ConfigError, to_dict
 from patchdiffusion.diffusion.precond import DiscretePrecond
 from patchdiffusion.diffusion.schedules import schedule_from_name
 from patchdiffusion.methods.base import Method
+from patchdiffusion.methods.latent_space import LatentSpaceMixin
 from patchdiffusion.nets.dimr import DIMR_PRESETS, DiMRNet, DiMRNetConfig, check_dimr_config, dimr_config
 from patchdiffusion.rng import SampleRNG
 
@@ -88,7 +89,7 @@ class FinalOutput(nn.Module):
         return out[-1] if isinstance(out, (list, tuple)) else out
 
 
-class DiMRMethod(Method):
+class DiMRMethod(LatentSpaceMixin, Method):
     name = "dimr"
     Config = DiMRConfig
     default_sampler = "dpmpp_2m"
@@ -131,15 +132,6 @@ class DiMRMethod(Method):
             raise ConfigError(f"model.net: {e}") from None
 
     # -- sizes -------------------------------------------------------------------------------
-    @property
-    def downsample(self) -> int:
-        """Image side / the side diffusion runs at (the VAE factor, or 1 in pixel space)."""
-        if not self.config.latent:
-            return 1
-        from patchdiffusion.latent import vae_info
-
-        return vae_info(self.config.vae_path).downsample
-
     @property
     def canvas_size(self) -> tuple[int, int]:
         """(H, W) of what the network sees: the image, or its latent."""
@@ -203,26 +195,6 @@ class DiMRMethod(Method):
                 f"DiMR samples at its training size {self.resolution[1]}x{self.resolution[0]} only "
                 f"(its position embeddings are learned for it); got {width}x{height}"
             )
-
-    def canvas_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        f = self.downsample
-        return (self.config.net.in_channels, height // f, width // f)
-
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        if self.config.latent:
-            x = self.codec(x.device).decode(x)
-        return x.clamp(-1, 1)
-
-    # -- latent space ------------------------------------------------------------------------
-    def codec(self, device: torch.device):
-        """The VAE, loaded on first use (it is not part of the trained network or its checkpoints)."""
-        if getattr(self, "_codec", None) is None:
-            from patchdiffusion.latent import LatentCodec
-
-            self._codec = LatentCodec(self.config.vae_path, device, cache_dir=self.config.latent_cache or None)
-        elif self._codec.device != torch.device(device):
-            self._codec.to(device)
-        return self._codec
 
 
 METHOD = DiMRMethod

@@ -28,6 +28,7 @@ from patchdiffusion.diffusion.losses import EDMLoss
 from patchdiffusion.diffusion.precond import EDMPrecond
 from patchdiffusion.methods.base import Method, StepPlan
 from patchdiffusion.methods.full import EDMSettings, check_divisible, edm_sampling_sigmas
+from patchdiffusion.methods.latent_space import LatentSpaceMixin
 from patchdiffusion.nets.unet import UNet, UNetConfig
 from patchdiffusion.rng import SampleRNG
 
@@ -103,7 +104,7 @@ def random_patches(images: torch.Tensor, size: int, rng: SampleRNG) -> tuple[tor
     return crop(images, top, left, size), crop(grid, top, left, size)
 
 
-class PatchDiffusionMethod(Method):
+class PatchDiffusionMethod(LatentSpaceMixin, Method):
     name = "patch_diffusion"
     Config = PatchDiffusionConfig
     default_sampler = "heun"
@@ -137,15 +138,6 @@ class PatchDiffusionMethod(Method):
             check_divisible(cfg.net, size, size)
 
     # -- sizes -------------------------------------------------------------------------------
-    @property
-    def downsample(self) -> int:
-        """Image side / the side diffusion runs at (the VAE factor, or 1 in pixel space)."""
-        if not self.config.latent:
-            return 1
-        from patchdiffusion.latent import vae_info
-
-        return vae_info(self.config.vae_path).downsample
-
     @property
     def canvas_side(self) -> int:
         """R: the side of the training canvas the patches are cut from (latent side in latent space)."""
@@ -212,26 +204,6 @@ class PatchDiffusionMethod(Method):
         if height % f or width % f:
             raise ConfigError(f"canvas {width}x{height} is not divisible by the VAE's factor {f}")
         check_divisible(self.config.net, height // f, width // f)
-
-    def canvas_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        f = self.downsample
-        return (self.config.net.in_channels, height // f, width // f)
-
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        if self.config.latent:
-            x = self.codec(x.device).decode(x)
-        return x.clamp(-1, 1)
-
-    # -- latent space ------------------------------------------------------------------------
-    def codec(self, device: torch.device):
-        """The VAE, loaded on first use (it is not part of the trained network or its checkpoints)."""
-        if getattr(self, "_codec", None) is None:
-            from patchdiffusion.latent import LatentCodec
-
-            self._codec = LatentCodec(self.config.vae_path, device, cache_dir=self.config.latent_cache or None)
-        elif self._codec.device != torch.device(device):
-            self._codec.to(device)
-        return self._codec
 
 
 METHOD = PatchDiffusionMethod
