@@ -112,16 +112,20 @@ class Method(abc.ABC):
         guidance: float = 1.0,
         progress: bool = False,
         callback: Callable[[dict], None] | None = None,
+        cond: dict | None = None,
         **options: Any,
     ) -> torch.Tensor:
-        """Draw len(rng) images (B, C, H, W) in [-1, 1]; image i depends only on rng's seed i."""
+        """Draw len(rng) images (B, C, H, W) in [-1, 1]; image i depends only on rng's seed i.
+
+        `cond` replaces the conditioning built from `labels` (a method with its own, e.g. Patch-DM's codes)."""
         height = height or self.resolution[0]
         width = width or self.resolution[1]
         self.check_canvas(height, width)
         sampler = sampler or self.default_sampler
         sampler_fn = get_sampler(sampler)
         sigmas = self.sampling_sigmas(steps or self.default_steps).to(rng.device)
-        cond = self.sampling_condition(labels, len(rng), rng.device)
+        if cond is None:
+            cond = self.sampling_condition(labels, len(rng), rng.device)
         denoiser = self.denoiser(net)
         if guidance != 1.0:
             denoiser = self.guided(denoiser, guidance)

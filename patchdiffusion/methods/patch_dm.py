@@ -123,7 +123,6 @@ class PatchPredictor:
 
     def __call__(self, regions: torch.Tensor, tiles: list[Tile], t: torch.Tensor, code: torch.Tensor | None,
                  position_keep: torch.Tensor | None) -> torch.Tensor:
-        J = regions.shape[0]
         extra = 1 if self.collage else 0
         rows, cols = tiles[0].rows + extra, tiles[0].cols + extra  # encoder grid of each tile
         patches = cut_grid(regions, rows, cols)  # (J·rows·cols, C, p, p)
@@ -371,34 +370,12 @@ class PatchDMMethod(Method):
             cond["code"] = codes.to(device=device, dtype=torch.float32)
         return cond
 
-    def sample(self, net, rng: SampleRNG, height=None, width=None, labels=None, sampler=None, steps=None,
-               guidance: float = 1.0, progress=False, callback=None, codes=None, code_index=None, **options):
+    def sample(self, net, rng: SampleRNG, *args, codes=None, code_index=None, **kwargs) -> torch.Tensor:
         """Whole canvases with any sampler (canvases in memory on rng.device; see `tiling.py` for
         memory-bounded canvases). Codes: `codes` (B, K), else table rows `code_index`, else a table row
         drawn per image from its seed."""
-        import inspect
-
-        from patchdiffusion.diffusion.samplers import get_sampler
-        from patchdiffusion.methods.base import clipped
-
-        height, width = height or self.resolution[0], width or self.resolution[1]
-        self.check_canvas(height, width)
-        sampler = sampler or self.default_sampler
-        sampler_fn = get_sampler(sampler)
-        sigmas = self.sampling_sigmas(steps or self.default_steps).to(rng.device)
         cond = self.condition(net, len(rng), rng.device, codes, code_index, rng)
-        denoiser = self.denoiser(net)
-        if guidance != 1.0:
-            denoiser = self.guided(denoiser, guidance)
-        if self.clip_denoised:
-            denoiser = clipped(denoiser)
-        x = rng.randn(*self.canvas_shape(height, width)) * sigmas[0]
-        accepted = inspect.signature(sampler_fn).parameters
-        options = {k: v for k, v in options.items() if k in accepted}
-        with torch.no_grad():
-            out = sampler_fn(denoiser, x, sigmas, extra_args=cond, noise_fn=rng.randn_like, callback=callback,
-                             progress=progress, **options)
-        return self.decode(out)
+        return super().sample(net, rng, *args, cond=cond, **kwargs)
 
     # -- the latent code model -------------------------------------------------------------------
     def code_table(self, net) -> torch.Tensor:

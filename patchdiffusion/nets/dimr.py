@@ -23,7 +23,7 @@ Outputs: [(B, 4, 16, 16), (B, 4, 32, 32)].
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
