@@ -1,6 +1,5 @@
 """Patch-DM (`--method patch_dm`) against METHODS.md §1 and issue 7's acceptance points."""
 
-
 import numpy as np
 import pytest
 import torch
