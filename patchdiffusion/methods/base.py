@@ -20,9 +20,18 @@ from torch import nn
 
 from patchdiffusion.config import ConfigError
 from patchdiffusion.diffusion.samplers import get_sampler
+from patchdiffusion.diffusion.schedules import schedule_from_name
 from patchdiffusion.rng import SampleRNG
 
 Denoiser = Callable[..., Any]
+
+
+def discrete_schedule(config: Any):
+    """The VPSchedule a discrete-time method's config names (`schedule`, `timesteps`); ConfigError if unknown."""
+    try:
+        return schedule_from_name(config.schedule, config.timesteps)
+    except ValueError as e:
+        raise ConfigError(f"model.schedule: {e}") from None
 
 
 def clipped(denoiser: Denoiser) -> Denoiser:

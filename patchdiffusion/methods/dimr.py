@@ -32,8 +32,7 @@ from torch import nn
 
 from patchdiffusion.config import ConfigError, to_dict
 from patchdiffusion.diffusion.precond import DiscretePrecond
-from patchdiffusion.diffusion.schedules import schedule_from_name
-from patchdiffusion.methods.base import Method
+from patchdiffusion.methods.base import Method, discrete_schedule
 from patchdiffusion.methods.latent_space import LatentSpaceMixin
 from patchdiffusion.nets.dimr import DIMR_PRESETS, DiMRNet, DiMRNetConfig, check_dimr_config, dimr_config
 from patchdiffusion.rng import SampleRNG
@@ -97,10 +96,7 @@ class DiMRMethod(LatentSpaceMixin, Method):
 
     def __init__(self, config, resolution, image_channels=3):
         super().__init__(config, resolution, image_channels)
-        try:
-            self.schedule = schedule_from_name(config.schedule, config.timesteps)
-        except ValueError as e:
-            raise ConfigError(f"model.schedule: {e}") from None
+        self.schedule = discrete_schedule(config)
 
     def validate(self) -> None:
         cfg = self.config

@@ -32,8 +32,7 @@ from torch import nn
 from patchdiffusion.config import ConfigError
 from patchdiffusion.diffusion.losses import DDPMLoss
 from patchdiffusion.diffusion.precond import DiscretePrecond
-from patchdiffusion.diffusion.schedules import schedule_from_name
-from patchdiffusion.methods.base import Method
+from patchdiffusion.methods.base import Method, discrete_schedule
 from patchdiffusion.nets.ddpm_unet import DDPMUNet, DDPMUNetConfig
 from patchdiffusion.rng import SampleRNG
 
@@ -161,10 +160,7 @@ class PatchDDPMMethod(Method):
 
     def __init__(self, config, resolution, image_channels=3):
         super().__init__(config, resolution, image_channels)
-        try:
-            self.schedule = schedule_from_name(config.schedule, config.timesteps)
-        except ValueError as e:
-            raise ConfigError(f"model.schedule: {e}") from None
+        self.schedule = discrete_schedule(config)
         self._patch_batch: int | None = None
 
     def validate(self) -> None:

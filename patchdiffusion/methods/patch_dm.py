@@ -41,8 +41,7 @@ import torch.nn.functional as F
 from patchdiffusion.config import ConfigError
 from patchdiffusion.diffusion.guidance import ClassifierFreeGuidance
 from patchdiffusion.diffusion.precond import vp_coefficients
-from patchdiffusion.diffusion.schedules import schedule_from_name
-from patchdiffusion.methods.base import Method
+from patchdiffusion.methods.base import Method, discrete_schedule
 from patchdiffusion.nets.collage import CollageUNet, CollageUNetConfig, cut_grid, join_grid
 from patchdiffusion.rng import SampleRNG
 from patchdiffusion.codes import LatentCodeConfig
@@ -168,10 +167,7 @@ class PatchDMMethod(Method):
 
     def __init__(self, config, resolution, image_channels=3):
         super().__init__(config, resolution, image_channels)
-        try:
-            self.schedule = schedule_from_name(config.schedule, config.timesteps)
-        except ValueError as e:
-            raise ConfigError(f"model.schedule: {e}") from None
+        self.schedule = discrete_schedule(config)
         self._initial_codes: torch.Tensor | None = None
 
     # -- configuration -------------------------------------------------------------------------

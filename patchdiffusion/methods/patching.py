@@ -25,8 +25,8 @@ import torch
 from patchdiffusion.config import ConfigError
 from patchdiffusion.diffusion.losses import DDPMLoss
 from patchdiffusion.diffusion.precond import DiscretePrecond
-from patchdiffusion.diffusion.schedules import VPSchedule, schedule_from_name
-from patchdiffusion.methods.base import Method
+from patchdiffusion.diffusion.schedules import VPSchedule
+from patchdiffusion.methods.base import Method, discrete_schedule
 from patchdiffusion.methods.full import check_divisible
 from patchdiffusion.nets.unet import UNet, UNetConfig
 from patchdiffusion.rng import SampleRNG
@@ -128,10 +128,7 @@ class PatchingMethod(Method):
 
     def __init__(self, config, resolution, image_channels=3):
         super().__init__(config, resolution, image_channels)
-        try:
-            self.schedule = schedule_from_name(config.schedule, config.timesteps)
-        except ValueError as e:
-            raise ConfigError(f"model.schedule: {e}") from None
+        self.schedule = discrete_schedule(config)
         self.tables = PosteriorTables.of(self.schedule)
 
     def validate(self) -> None:
