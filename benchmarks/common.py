@@ -6,6 +6,8 @@ import json
 import os
 import platform
 import re
+import subprocess
+import sys
 from typing import Callable
 
 import torch
@@ -51,3 +53,14 @@ def reset_high_water_mark() -> bool:
         return True
     except OSError:
         return False
+
+
+def run_in_fresh_process(module: str, spec: dict, threads: int) -> dict:
+    """`python -m MODULE --worker JSON` in a new interpreter (nothing measured before can leak into its
+    peak); the worker prints its result as JSON on its last line."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    proc = subprocess.run([sys.executable, "-m", module, "--worker", json.dumps(spec)], capture_output=True,
+                          text=True, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if proc.returncode != 0:
+        raise RuntimeError(f"case {spec} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -28,14 +28,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 
 import torch
 
-from benchmarks.common import machine_info, proc_status_kib, reset_high_water_mark, write_results
+from benchmarks.common import (
+    machine_info, proc_status_kib, reset_high_water_mark, run_in_fresh_process, write_results,
+)
 
 DIVIDERS = (1, 2, 4, 8)
 CASES = (("16×128²", 16, 128), ("1×256²", 1, 256), ("1×512²", 1, 512))  # (name, batch, side)
@@ -96,12 +96,7 @@ def _run_case(args, divider: int, batch: int, side: int, patch_batch: int) -> di
     """One case in a fresh interpreter: nothing measured before can leak into its peak."""
     spec = dict(divider=divider, batch=batch, side=side, patch_batch=patch_batch, steps=args.steps, dim=args.dim,
                 mults=args.mults, device=args.device, threads=args.threads)
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.patch_ddpm_memory", "--worker", json.dumps(spec)],
-                          capture_output=True, text=True, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
-    if proc.returncode != 0:
-        raise RuntimeError(f"case {spec} failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_in_fresh_process("benchmarks.patch_ddpm_memory", spec, args.threads)
 
 
 # ------------------------------------------------------------------------------------------------

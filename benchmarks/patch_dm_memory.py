@@ -27,14 +27,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
 
 import torch
 
-from benchmarks.common import machine_info, proc_status_kib, reset_high_water_mark, write_results
+from benchmarks.common import (
+    machine_info, proc_status_kib, reset_high_water_mark, run_in_fresh_process, write_results,
+)
 
 SIDES = (256, 1024, 4096)
 STORAGES = ("memory", "disk")
@@ -125,12 +126,7 @@ def _run_case(args, side: int, storage: str) -> dict:
     spec = dict(side=side, storage=storage, patch_batch=args.patch_batch, steps=args.steps, preset=args.preset,
                 device=args.device, threads=args.threads, folder=args.tmp_dir, channels=args.channels,
                 guidance=args.guidance)
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.patch_dm_memory", "--worker", json.dumps(spec)],
-                          capture_output=True, text=True, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
-    if proc.returncode != 0:
-        raise RuntimeError(f"case {spec} failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_in_fresh_process("benchmarks.patch_dm_memory", spec, args.threads)
 
 
 def run(args, command: str) -> dict:
