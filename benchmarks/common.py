@@ -64,3 +64,26 @@ def run_in_fresh_process(module: str, spec: dict, threads: int) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"case {spec} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def start_working_memory(device) -> tuple[int, bool]:
+    """Bytes held once the model is loaded (CUDA: allocated; CPU: RSS), and the peak counter reset
+    to it; returns (bytes, whether the CPU high-water mark could be reset)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device), True
+    reset = reset_high_water_mark()
+    return proc_status_kib("VmRSS")["VmRSS"] * 1024, reset
+
+
+def peak_memory(device) -> int:
+    """Peak bytes since `start_working_memory` (CUDA: max allocated; CPU: VmHWM)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    return proc_status_kib("VmHWM")["VmHWM"] * 1024

@@ -33,9 +33,7 @@ import time
 
 import torch
 
-from benchmarks.common import (
-    machine_info, proc_status_kib, reset_high_water_mark, run_in_fresh_process, write_results,
-)
+from benchmarks.common import machine_info, peak_memory, run_in_fresh_process, start_working_memory, write_results
 
 DIVIDERS = (1, 2, 4, 8)
 CASES = (("16×128²", 16, 128), ("1×256²", 1, 256), ("1×512²", 1, 512))  # (name, batch, side)
@@ -69,21 +67,13 @@ def measure(divider: int, batch: int, side: int, patch_batch: int, steps: int, d
     calls = []
     out = dict(divider=divider, batch=batch, side=side, patch_batch=patch_batch, steps=steps,
                parameters=sum(q.numel() for q in net.parameters()))
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        loaded = torch.cuda.memory_allocated(dev)
-    else:
-        out["hwm_reset"] = reset_high_water_mark()
-        loaded = proc_status_kib("VmRSS")["VmRSS"] * 1024
+    loaded, hwm_reset = start_working_memory(dev)
+    if dev.type != "cuda":
+        out["hwm_reset"] = hwm_reset
     start, cpu_start = time.perf_counter(), time.process_time()
     images = method.sample(net, rng, steps=steps, patch_batch=patch_batch,
                            callback=lambda info: calls.append(time.perf_counter()))
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        peak = torch.cuda.max_memory_allocated(dev)
-    else:
-        peak = proc_status_kib("VmHWM")["VmHWM"] * 1024
+    peak = peak_memory(dev)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     out.update(after_load_mib=loaded / MIB, peak_mib=peak / MIB, working_mib=(peak - loaded) / MIB,
                walk_s=wall, s_per_call=wall / steps, cpu_s_per_call=cpu / steps, finite=bool(torch.isfinite(images).all()),

@@ -34,7 +34,7 @@ import time
 import torch
 
 from benchmarks.common import (
-    machine_info, proc_status_kib, reset_high_water_mark, run_in_fresh_process, write_results,
+    machine_info, peak_memory, proc_status_kib, run_in_fresh_process, start_working_memory, write_results,
 )
 
 SIDES = (256, 1024, 4096)
@@ -94,13 +94,9 @@ def measure(side: int, storage: str, patch_batch: int, steps: int, preset: str, 
     out = dict(side=side, storage=storage, patch_batch=patch_batch, steps=steps, patch_size=p,
                parameters=sum(q.numel() for q in net.parameters()),
                canvas_arrays_mib=2 * 3 * side * side * 4 / MIB)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        loaded = torch.cuda.memory_allocated(dev)
-    else:
-        out["hwm_reset"] = reset_high_water_mark()
-        loaded = proc_status_kib("VmRSS")["VmRSS"] * 1024
+    loaded, hwm_reset = start_working_memory(dev)
+    if dev.type != "cuda":
+        out["hwm_reset"] = hwm_reset
     anon_loaded = proc_status_kib("RssAnon")["RssAnon"] * 1024
     start = time.perf_counter()
     with AnonPoller() as poller:
@@ -109,7 +105,7 @@ def measure(side: int, storage: str, patch_batch: int, steps: int, preset: str, 
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
     wall = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else proc_status_kib("VmHWM")["VmHWM"] * 1024
+    peak = peak_memory(dev)
     finite = bool(torch.isfinite(torch.from_numpy(result.store.current[:, :64, :64].copy())).all())
     result.store.close()
     mp = side * side / 1e6

@@ -297,17 +297,8 @@ def test_cli_model_flag_and_cfg_scale(tmp_path, capsys):
     assert "choose from: dimr-xl-2r, dimr-g-2r, dimr-tiny" in capsys.readouterr().err
 
 
-def test_latent_training_and_sampling(tmp_path):
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4, sample_size=32,
-    )
-    vae.save_pretrained(tmp_path / "vae")
-    config = tiny_config("data.resolution=32", "train.steps=2", "model.latent=true", f"model.vae_path={tmp_path / 'vae'}",
+def test_latent_training_and_sampling(tiny_vae, tmp_path):
+    config = tiny_config("data.resolution=32", "train.steps=2", "model.latent=true", f"model.vae_path={tiny_vae}",
                          "model.net.in_channels=4")
     result = train(config, tmp_path / "run", **QUIET)
     assert math.isfinite(result.last_loss)

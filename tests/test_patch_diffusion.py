@@ -240,21 +240,6 @@ def test_cli_train_then_sample(tmp_path):
 # -- latent space --------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def tiny_vae(tmp_path):
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4, sample_size=16,
-    )
-    path = tmp_path / "vae"
-    vae.save_pretrained(path)
-    return path
-
-
 def test_latent_round_trip_and_cache(tiny_vae, tmp_path):
     from patchdiffusion.latent import LatentCodec
 
