@@ -164,14 +164,17 @@ def cmd_sample(args, extra: list[str]) -> int:
             args.run, out, num=args.num, seed=args.seed, height=height, width=width, sampler=args.sampler,
             steps=args.steps, guidance=args.guidance, eta=args.eta, code_from=args.code_from, storage=args.canvas,
             patch_batch=args.patch_batch, npy=args.npy, device=args.device, use_ema=not args.no_ema,
+            grid_shift=args.grid_shift, positions=args.positions,
             progress=not args.no_progress,
         )
         print(f"wrote {len(paths)} files to {out}")
         return 0
-    if args.code_from is not None:
-        from patchdiffusion.config import ConfigError
+    for flag, value in (("--code-from", args.code_from), ("--grid-shift", args.grid_shift),
+                        ("--positions", args.positions)):
+        if value is not None:
+            from patchdiffusion.config import ConfigError
 
-        raise ConfigError("--code-from is for patch_dm runs (their per-image semantic codes)")
+            raise ConfigError(f"{flag} is for patch_dm runs (their semantic codes and window grid)")
     paths = generate_images(
         args.run, out, num=args.num, seed=args.seed, batch_size=args.batch, sampler=args.sampler,
         steps=args.steps, guidance=args.guidance, class_label=args.class_label, height=height, width=width,
@@ -342,6 +345,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--canvas", default="auto", choices=["auto", "memory", "disk"],
                    help="patch_dm: keep the canvas in host memory or memory-mapped on disk (auto: disk above 4M pixels)")
     p.add_argument("--npy", action="store_true", help="patch_dm: also write each canvas as float32 .npy")
+    p.add_argument("--grid-shift", choices=["fixed", "random"],
+                   help="patch_dm: fixed = decode windows on the canvas's own patch grid every step (the paper); "
+                        "random = move the window grid by a random offset each step, which keeps per-window errors "
+                        "from stacking into seams (default: the run's model.grid_shift)")
+    p.add_argument("--positions", choices=["auto", "grid", "none"],
+                   help="patch_dm: grid = the patches' cell coordinates (the paper), none = the position-free branch, "
+                        "auto = grid while the canvas fits the training images' grid (default: the run's model.positions)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_sample)

@@ -67,11 +67,12 @@ class CanvasStore:
         """Bytes of the two buffers (what grows with H×W by nature)."""
         return 2 * int(np.prod(self.shape)) * 4
 
-    def read(self, top: int, bottom: int, left: int, right: int) -> torch.Tensor:
-        """current[:, top:bottom, left:right], zeros outside the canvas."""
+    def read(self, top: int, bottom: int, left: int, right: int,
+             mirror: tuple[int, int, int, int] = (0, 0, 0, 0)) -> torch.Tensor:
+        """current[:, top:bottom, left:right]; outside the canvas mirrored up to `mirror` pixels, then zeros."""
         from patchdiffusion.methods.patch_dm import read_region
 
-        return read_region(self.current, top, bottom, left, right)
+        return read_region(self.current, top, bottom, left, right, mirror)
 
     def write_next(self, top: int, left: int, values: torch.Tensor) -> None:
         _, h, w = values.shape
@@ -126,6 +127,8 @@ def sample_canvas(method, net, height: int, width: int, *, seed: int, code: torc
     (C, H, W), already scaled by σ_max (tests); otherwise drawn per canvas patch from `seed`."""
     import time
 
+    from patchdiffusion.methods.patch_dm import shift_margins
+
     if sampler not in TILED_SAMPLERS:
         raise ConfigError(f"tiled canvas sampling supports {', '.join(TILED_SAMPLERS)} (one network call per "
                           f"step), not '{sampler}'; use Method.sample for canvases that fit in memory")
@@ -136,17 +139,17 @@ def sample_canvas(method, net, height: int, width: int, *, seed: int, code: torc
     p, C = method.patch_size, method.image_channels
     sigmas = method.sampling_sigmas(steps).double()
     store = CanvasStore(C, height, width, storage, folder)
-    tiles = method.tiles(height, width)
+    tiles = {(height, width): method.tiles(height, width)}  # tile plans by (moved) canvas size
     predictor = method.predictor(net)
     cond = method.condition(net, 1, device, codes=None if code is None else code.reshape(1, -1))
-    cond_code, keep = cond.get("code"), cond["position_keep"]
+    cond_code, keep = cond.get("code"), method.position_keep(cond["position_keep"], height, width)
     if guidance != 1.0:  # one call holds the conditional and the null branch (code 0, no position)
         cond_code = None if cond_code is None else torch.cat([cond_code, torch.zeros_like(cond_code)])
         keep = torch.cat([keep, torch.zeros_like(keep)])
     start, calls = time.time(), 0
 
     # x_T: per-patch noise × σ_max (or the given start).
-    for tile in tiles:
+    for tile in tiles[(height, width)]:
         rows, cols = range(tile.row, tile.row + tile.rows), range(tile.col, tile.col + tile.cols)
         if x_init is not None:
             values = x_init[:, tile.row * p:(tile.row + tile.rows) * p, tile.col * p:(tile.col + tile.cols) * p]
@@ -164,27 +167,37 @@ def sample_canvas(method, net, height: int, width: int, *, seed: int, code: torc
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         alpha = float(vp_coefficients(torch.tensor(sigma, dtype=torch.float64))[0])
         t = method.schedule.sigma_to_t(torch.tensor([sigma], dtype=torch.float64)).float().to(device)
-        for tile in tiles:
-            top, bottom, left, right = predictor.input_box(tile)
-            region = store.read(top, bottom, left, right).to(device)  # (C, Hr, Wr), VE coordinates
+        dy, dx = method.grid_offset(sigma)  # the window grid of this step, moved (mirrored margins) or not
+        margins = shift_margins((dy, dx), p)
+        moved = (height + margins[0] + margins[1], width + margins[2] + margins[3])
+        if moved not in tiles:
+            tiles[moved] = method.tiles(*moved)
+        for tile in tiles[moved]:
+            top, bottom, left, right = predictor.input_box(tile)  # on the moved grid
+            region = store.read(top - dy, bottom - dy, left - dx, right - dx, margins).to(device)  # VE coordinates
             x_vp = (region * alpha)[None]  # (1, C, Hr, Wr)
             n = 2 if guidance != 1.0 else 1
-            out = predictor(x_vp.expand(n, -1, -1, -1), [tile] * n, t.expand(n), cond_code, keep)  # ε, v or x0
+            out = predictor(x_vp.expand(n, -1, -1, -1), [tile] * n, t.expand(n), cond_code, keep,
+                            offset=(-dx / p, -dy / p))  # ε, v or x0
             calls += 1
             if n == 2:  # classifier-free guidance: u + s(c − u); x0 is affine in the output, so as in x0
                 out = out[1:] + guidance * (out[:1] - out[1:])
-            m_top, m_left = tile.row * p - top, tile.col * p - left
-            x = region[None, :, m_top:m_top + tile.rows * p, m_left:m_left + tile.cols * p]  # the tile's own pixels
+            # The tile's own pixels that lie on the canvas (not in a mirrored margin), canvas coordinates.
+            y0, y1 = max(tile.row * p - dy, 0), min((tile.row + tile.rows) * p - dy, height)
+            x0_, x1 = max(tile.col * p - dx, 0), min((tile.col + tile.cols) * p - dx, width)
+            x = region[None, :, y0 - (top - dy):y1 - (top - dy), x0_ - (left - dx):x1 - (left - dx)]
+            out = out[..., y0 + dy - tile.row * p:y1 + dy - tile.row * p, x0_ + dx - tile.col * p:x1 + dx - tile.col * p]
             x0 = method.x0_from_output(x, sigma, out).clamp(-1, 1)  # clip_denoised, after guidance
-            rows, cols = range(tile.row, tile.row + tile.rows), range(tile.col, tile.col + tile.cols)
 
-            def noise_fn(like, rows=rows, cols=cols, step=i):
-                return patch_noise(seed, _STEP_STREAM, step, rows, cols, p, C)[None].to(like)
+            def noise_fn(like, y0=y0, y1=y1, x0_=x0_, x1=x1, step=i):
+                rows, cols = range(y0 // p, -(-y1 // p)), range(x0_ // p, -(-x1 // p))
+                z = patch_noise(seed, _STEP_STREAM, step, rows, cols, p, C)
+                return z[None, :, y0 - rows.start * p:y1 - rows.start * p, x0_ - cols.start * p:x1 - cols.start * p].to(like)
 
             # One step of the existing sampler, with the x̂0 just computed.
             x_next = sampler_fn(lambda *_a, **_k: x0, x, torch.tensor([sigma, sigma_next]),
                                 noise_fn=noise_fn, **options)
-            store.write_next(tile.row * p, tile.col * p, x_next[0])
+            store.write_next(y0, x0_, x_next[0])
         store.swap()
     store.flush()
     return TiledResult(store, time.time() - start, len(sigmas) - 1, calls)
@@ -256,12 +269,13 @@ def generate_canvases(run_dir: str | Path, out_dir: str | Path, num: int = 1, se
                       steps: int | None = None, guidance: float | None = None, eta: float | None = None,
                       code_from: int | None = None, storage: str = "auto", patch_batch: int | None = None,
                       npy: bool = False, device: str = "auto", use_ema: bool = True, progress: bool = True,
-                      log=print) -> list[Path]:
+                      grid_shift: str | None = None, positions: str | None = None, log=print) -> list[Path]:
     """Write `num` canvases (image i from seed + i) of a Patch-DM run as PNGs, memory-bounded.
 
     Codes: `code_from` = the code of that training image (style reuse) for every canvas; else a
     new code from the run's latent code model (RUN/codes_model) when it has one; else the code of a
-    training image drawn from the seed."""
+    training image drawn from the seed. grid_shift / positions override the run's model.grid_shift /
+    model.positions (see PatchDMConfig)."""
     from patchdiffusion.codes import LatentCodeModel
     from patchdiffusion.rng import SampleRNG
     from patchdiffusion.sample import load_run
@@ -274,6 +288,11 @@ def generate_canvases(run_dir: str | Path, out_dir: str | Path, num: int = 1, se
         raise ConfigError(f"generate_canvases is for patch_dm runs; '{run_dir}' is a '{config.method}' run")
     if patch_batch:
         method.config.patch_batch = int(patch_batch)
+    if grid_shift:
+        method.config.grid_shift = grid_shift
+    if positions:
+        method.config.positions = positions
+    method.validate()
     height, width = height or config.data.resolution[0], width or config.data.resolution[1]
     method.check_canvas(height, width)
     sampler = sampler or config.sample.sampler or method.default_sampler

@@ -266,6 +266,9 @@ def test_cli_train_codes_and_sample(tmp_path):
     assert main(["sample", "--run", str(run), "--size", "48x32", "--num", "1", "--steps", "2", "--out",
                  str(tmp_path / "reuse"), "--code-from", "3", "--canvas", "disk", "--no-progress"]) == 0
     assert Image.open(tmp_path / "reuse" / "000000.png").size == (48, 32)
+    assert main(["sample", "--run", str(run), "--size", "64x64", "--num", "1", "--steps", "3", "--out",
+                 str(tmp_path / "moved"), "--grid-shift", "random", "--positions", "none", "--no-progress"]) == 0
+    assert Image.open(tmp_path / "moved" / "000000.png").size == (64, 64)
     assert main(["sample", "--run", str(run), "--size", "40x32", "--num", "1", "--out", str(out),
                  "--no-progress"]) == 2  # not a multiple of the patch size: a clear error
 

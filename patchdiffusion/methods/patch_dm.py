@@ -31,10 +31,12 @@ With `collage: false` (the ablation) the same net decodes each patch from its ow
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -43,7 +45,7 @@ from patchdiffusion.diffusion.guidance import ClassifierFreeGuidance
 from patchdiffusion.diffusion.precond import vp_coefficients
 from patchdiffusion.methods.base import Method, discrete_schedule
 from patchdiffusion.nets.collage import CollageUNet, CollageUNetConfig, cut_grid, join_grid
-from patchdiffusion.rng import SampleRNG
+from patchdiffusion.rng import SampleRNG, mix_seed
 from patchdiffusion.codes import LatentCodeConfig
 
 
@@ -64,7 +66,10 @@ class PatchDMConfig:
     codes_path: str = ""                 # initial codes (patchdiff patchdm init-codes); "" = N(0, code_init_std²)
     code_init_std: float = 1.0           # std of random initial codes when there is no codes_path
     patch_batch: int = 64                # sampling: encoder patches per network call (bounds activation memory)
-    positions: str = "grid"              # sampling: grid (the paper's cell coordinates) | none (the guidance null)
+    positions: str = "auto"              # sampling: grid (the paper's cell coordinates) | none (the guidance null) |
+    #                                      auto (grid while the canvas fits the training grid, else none)
+    grid_shift: str = "fixed"            # sampling: fixed (the paper: windows on the canvas's p-grid every step) |
+    #                                      random (the window grid moves by a random offset every step; see grid_shift)
     latent: LatentCodeConfig = field(default_factory=LatentCodeConfig)  # the latent code model (train-codes)
 
 
@@ -76,6 +81,16 @@ class Tile:
     col: int
     rows: int
     cols: int
+
+
+_GRID_SHIFT_STREAM = 13  # rng stream of the random window-grid offsets
+
+
+def shift_margins(offset: tuple[int, int], p: int) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) mirrored pixels that make a canvas moved by offset = (dy, dx) a
+    multiple of p again: dy above and p − dy below (none on an axis that is not moved)."""
+    dy, dx = offset
+    return dy, (p - dy) if dy else 0, dx, (p - dx) if dx else 0
 
 
 def tile_shape(ny: int, nx: int, patch_batch: int, extra: int) -> tuple[int, int]:
@@ -95,15 +110,38 @@ def plan_tiles(ny: int, nx: int, patch_batch: int, collage: bool = True) -> list
     return [Tile(r, c, min(a, ny - r), min(b, nx - c)) for r in range(0, ny, a) for c in range(0, nx, b)]
 
 
-def read_region(canvas, top: int, bottom: int, left: int, right: int) -> torch.Tensor:
-    """canvas[..., top:bottom, left:right] with zeros outside the canvas (the collage's p/2 pad).
+def _axis_index(start: int, stop: int, n: int, mirror_before: int, mirror_after: int):
+    """Source indices for positions start..stop-1 of an axis of length n, mirrored up to
+    `mirror_before`/`mirror_after` pixels beyond its ends, and the mask of positions inside that span."""
+    i = torch.arange(start, stop)
+    inside = (i >= -mirror_before) & (i < n + mirror_after)
+    i = torch.where(i < 0, -i, i)
+    i = torch.where(i >= n, 2 * (n - 1) - i, i)
+    return i.clamp(0, n - 1), inside
+
+
+def read_region(canvas, top: int, bottom: int, left: int, right: int,
+                mirror: tuple[int, int, int, int] = (0, 0, 0, 0)) -> torch.Tensor:
+    """canvas[..., top:bottom, left:right]; outside the canvas a mirror image of it up to `mirror` =
+    (top, bottom, left, right) pixels beyond each edge (a shifted window grid, `grid_shift`), zeros
+    further out (the collage's p/2 pad).
 
     canvas: a torch tensor or a numpy array / memmap (C, H, W); returns a tensor (C, bottom−top, right−left)."""
     C, H, W = canvas.shape[-3:]
-    y0, y1, x0, x1 = max(top, 0), min(bottom, H), max(left, 0), min(right, W)
-    inside = canvas[..., y0:y1, x0:x1]
-    inside = inside if isinstance(inside, torch.Tensor) else torch.from_numpy(inside.copy())
-    return F.pad(inside, (x0 - left, right - x1, y0 - top, bottom - y1))
+    m_top, m_bottom, m_left, m_right = mirror
+    if not any(mirror) or (top >= 0 and bottom <= H and left >= 0 and right <= W):
+        y0, y1, x0, x1 = max(top, 0), min(bottom, H), max(left, 0), min(right, W)
+        inside = canvas[..., y0:y1, x0:x1]
+        inside = inside if isinstance(inside, torch.Tensor) else torch.from_numpy(inside.copy())
+        return F.pad(inside, (x0 - left, right - x1, y0 - top, bottom - y1))
+    rows, rows_in = _axis_index(top, bottom, H, m_top, m_bottom)
+    cols, cols_in = _axis_index(left, right, W, m_left, m_right)
+    if isinstance(canvas, torch.Tensor):
+        region = canvas[..., rows.to(canvas.device), :][..., cols.to(canvas.device)]
+    else:  # a memmap reads only the rows asked for
+        region = torch.from_numpy(np.ascontiguousarray(canvas[..., rows.numpy(), :][..., cols.numpy()]))
+    keep = (rows_in[:, None] & cols_in[None, :]).to(region.device, region.dtype)
+    return region * keep
 
 
 class PatchPredictor:
@@ -121,14 +159,16 @@ class PatchPredictor:
         return (tile.row * p - m, (tile.row + tile.rows) * p + m, tile.col * p - m, (tile.col + tile.cols) * p + m)
 
     def __call__(self, regions: torch.Tensor, tiles: list[Tile], t: torch.Tensor, code: torch.Tensor | None,
-                 position_keep: torch.Tensor | None) -> torch.Tensor:
+                 position_keep: torch.Tensor | None, offset: tuple[float, float] = (0.0, 0.0)) -> torch.Tensor:
+        """offset: (x, y) of the tiles' grid in cells of the canvas's own grid (−shift/p on a shifted grid)."""
         extra = 1 if self.collage else 0
         rows, cols = tiles[0].rows + extra, tiles[0].cols + extra  # encoder grid of each tile
         patches = cut_grid(regions, rows, cols)  # (J·rows·cols, C, p, p)
         dev = regions.device
         ys = torch.arange(rows, device=dev, dtype=torch.float32)
         xs = torch.arange(cols, device=dev, dtype=torch.float32)
-        origin = torch.tensor([[tile.col, tile.row] for tile in tiles], device=dev, dtype=torch.float32)  # (J, 2)
+        origin = torch.tensor([[tile.col + offset[0], tile.row + offset[1]] for tile in tiles], device=dev,
+                              dtype=torch.float32)  # (J, 2)
         local = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(1, rows * cols, 2)  # (1, rc, 2) (x, y)
         positions = (origin[:, None, :] + local).reshape(-1, 2)  # grid cells of the padded (or plain) canvas grid
 
@@ -191,8 +231,10 @@ class PatchDMMethod(Method):
                 raise ConfigError(f"model.{name} must be in [0, 1], got {getattr(cfg, name)}")
         if cfg.prediction not in ("eps", "v", "x0"):
             raise ConfigError(f"model.prediction must be 'eps', 'v' or 'x0', got {cfg.prediction!r}")
-        if cfg.positions not in ("grid", "none"):
-            raise ConfigError(f"model.positions must be 'grid' or 'none', got {cfg.positions!r}")
+        if cfg.positions not in ("grid", "none", "auto"):
+            raise ConfigError(f"model.positions must be 'grid', 'none' or 'auto', got {cfg.positions!r}")
+        if cfg.grid_shift not in ("fixed", "random"):
+            raise ConfigError(f"model.grid_shift must be 'fixed' or 'random', got {cfg.grid_shift!r}")
 
     def check_canvas(self, height: int, width: int) -> None:
         p = self.patch_size
@@ -310,34 +352,69 @@ class PatchDMMethod(Method):
             return alpha**2 * x - alpha * sigma * out  # x0 = α x_vp − σ_vp v
         return out
 
-    def output_of_canvas(self, net, x_vp: torch.Tensor, t: torch.Tensor, code, position_keep) -> torch.Tensor:
-        """The net's output (ε, v or x0) over VP-scaled canvases x_vp (B, C, H, W), tile by tile (bounded memory)."""
+    # -- the window grid while sampling -------------------------------------------------------
+    def grid_offset(self, sigma: float) -> tuple[int, int]:
+        """(dy, dx) pixels by which the decoded window grid is moved at noise level σ.
+
+        fixed (the paper): (0, 0) at every step, the windows sit on the canvas's own p-grid, so
+        whatever small jump a step leaves at a window boundary, every later step adds to it on
+        the same lines. random (this package's option): a draw in [0, p)² keyed by σ alone, so the
+        whole-canvas and the tiled path and every image of a batch agree; each step's boundaries
+        fall elsewhere and the following steps, whose windows straddle them, smooth them away."""
+        if self.config.grid_shift == "fixed":
+            return 0, 0
+        bits = struct.unpack("<I", struct.pack("<f", float(sigma)))[0]
+        generator = torch.Generator().manual_seed(mix_seed(_GRID_SHIFT_STREAM, bits))
+        dy, dx = torch.randint(0, self.patch_size, (2,), generator=generator).tolist()
+        return dy, dx
+
+    def position_keep(self, keep: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """positions=auto: the cell coordinates while the canvas fits the training images' grid, the
+        position-free branch (trained by the CFG dropout) on larger canvases, whose cells the
+        position embedding never saw."""
+        if self.config.positions == "auto" and (height > self.resolution[0] or width > self.resolution[1]):
+            return torch.zeros_like(keep)
+        return keep
+
+    def output_of_canvas(self, net, x_vp: torch.Tensor, t: torch.Tensor, code, position_keep,
+                         offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
+        """The net's output (ε, v or x0) over VP-scaled canvases x_vp (B, C, H, W), tile by tile (bounded
+        activation memory), with the window grid moved by offset = (dy, dx) pixels (`grid_offset`)."""
         predictor = self.predictor(net)
         B, C, H, W = x_vp.shape
         p, extra = self.patch_size, 1 if self.config.collage else 0
-        eps = torch.empty_like(x_vp)
-        jobs = [(b, tile) for tile in self.tiles(H, W) for b in range(B)]
+        dy, dx = offset
+        margins = shift_margins(offset, p)
+        Hv, Wv = H + margins[0] + margins[1], W + margins[2] + margins[3]  # the moved grid's canvas
+        out = x_vp.new_empty(B, C, Hv, Wv)
+        jobs = [(b, tile) for tile in self.tiles(Hv, Wv) for b in range(B)]
         for group in packed_jobs(jobs, self.config.patch_batch, extra):
-            regions = torch.stack([read_region(x_vp[b], *predictor.input_box(tile)) for b, tile in group])
+            regions = []
+            for b, tile in group:
+                top, bottom, left, right = predictor.input_box(tile)
+                regions.append(read_region(x_vp[b], top - dy, bottom - dy, left - dx, right - dx, margins))
             index = torch.tensor([b for b, _ in group], device=x_vp.device)
-            out = predictor(regions, [tile for _, tile in group], t[index],
-                            None if code is None else code[index],
-                            None if position_keep is None else position_keep[index])
-            for (b, tile), e in zip(group, out):
-                eps[b, :, tile.row * p:(tile.row + tile.rows) * p, tile.col * p:(tile.col + tile.cols) * p] = e
-        return eps
+            result = predictor(torch.stack(regions), [tile for _, tile in group], t[index],
+                               None if code is None else code[index],
+                               None if position_keep is None else position_keep[index], offset=(-dx / p, -dy / p))
+            for (b, tile), e in zip(group, result):
+                out[b, :, tile.row * p:(tile.row + tile.rows) * p, tile.col * p:(tile.col + tile.cols) * p] = e
+        return out[:, :, dy:dy + H, dx:dx + W]
 
     def denoiser(self, net) -> Callable:
         """D(x, σ, code=(B, K), position_keep=(B,)) -> x0 over whole canvases (EDM coordinates)."""
         schedule = self.schedule
 
         def collage_denoiser(x, sigma, code=None, position_keep=None):
-            B = x.shape[0]
+            B, _, H, W = x.shape
             x = x.float()
             sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(B)
             alpha, _ = vp_coefficients(sigma)
             t = schedule.sigma_to_t(sigma)  # (B,) continuous timestep labels
-            out = self.output_of_canvas(net, x * alpha.view(B, 1, 1, 1), t, code, position_keep)
+            if position_keep is not None:
+                position_keep = self.position_keep(position_keep, H, W)
+            out = self.output_of_canvas(net, x * alpha.view(B, 1, 1, 1), t, code, position_keep,
+                                        self.grid_offset(float(sigma[0])))
             return self.x0_from_output(x, sigma.view(B, 1, 1, 1), out)
 
         return collage_denoiser
