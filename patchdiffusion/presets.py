@@ -33,16 +33,17 @@ PRESETS: dict[str, tuple[str, list[str]]] = {
         ],
     ),
     "patch-dm-cpu": (
-        "Patch-DM small enough for a CPU: builtin textures at 64² in 32² patches, a 1.1M-parameter collage "
-        "U-Net, 64-d codes (init them with `patchdiff patchdm init-codes`), v-prediction (a CPU budget; the paper: ε); "
-        "DDIM 50 steps, guidance 1.5",
+        "Patch-DM small enough for a CPU: builtin textures at 128² (a 4×4 grid of 32² patches), a 1.1M-parameter "
+        "collage U-Net, 64-d codes (init them with `patchdiff patchdm init-codes`), v-prediction (a CPU budget; the "
+        "paper: ε); DDIM 50 steps, guidance 1.5, the window grid moved each step (grid_shift=random; the paper: fixed)",
         [
-            "method=patch_dm", "data.source=builtin:textures?count=50", "data.resolution=64",
+            "method=patch_dm", "data.source=builtin:textures?count=50", "data.resolution=128",
             "model.net.patch_size=32", "model.net.model_channels=16", "model.net.channel_mult=[1,2,5]",
             "model.net.num_res_blocks=1", "model.net.attention_resolutions=[8]", "model.net.code_dim=64",
-            "model.prediction=v", "model.latent.hidden=256", "model.latent.steps=3000", "model.latent.batch_size=256",
-            "model.latent.lr=1e-3", "train.batch_size=8", "train.lr=2e-3", "train.warmup_steps=50",
-            "train.ema_halflife_kimg=2", "train.ema_rampup=0.2", "train.steps=1500", "train.checkpoint_every=250",
+            "model.prediction=v", "model.grid_shift=random", "model.latent.hidden=256", "model.latent.steps=3000",
+            "model.latent.batch_size=256", "model.latent.lr=1e-3", "train.batch_size=8", "train.lr=2e-3",
+            "train.warmup_steps=50", "train.ema_halflife_kimg=2", "train.ema_rampup=0.2", "train.steps=5000",
+            "train.checkpoint_every=250",
             "train.sample_images=16", "sample.sampler=ddim", "sample.num_steps=50", "sample.guidance=1.5",
         ],
     ),

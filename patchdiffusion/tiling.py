@@ -14,6 +14,11 @@ from their margins, so the step writes into a second buffer (x_s), and the buffe
 step. Samplers that evaluate the network twice per step (Heun) or remember earlier steps
 (DPM-Solver++ 2M) do not decompose this way; they remain available through `Method.sample`.
 
+With `model.grid_shift=random` the window grid of each step is moved by an offset (dy, dx) < p:
+the tiles then cover the canvas mirrored by dy above and p − dy below (dx, p − dx at the sides),
+which `CanvasStore.read` serves from the stored canvas, and only each tile's pixels on the canvas
+are stepped and written.
+
 Noise is drawn per canvas patch from a generator seeded by (seed, step, patch row, patch column),
 so a canvas does not depend on `patch_batch` or on where it is stored. With DDIM (η = 0) the
 result equals `Method.sample` started from the same x_T (tested).
@@ -183,21 +188,25 @@ def sample_canvas(method, net, height: int, width: int, *, seed: int, code: torc
             if n == 2:  # classifier-free guidance: u + s(c − u); x0 is affine in the output, so as in x0
                 out = out[1:] + guidance * (out[:1] - out[1:])
             # The tile's own pixels that lie on the canvas (not in a mirrored margin), canvas coordinates.
-            y0, y1 = max(tile.row * p - dy, 0), min((tile.row + tile.rows) * p - dy, height)
-            x0_, x1 = max(tile.col * p - dx, 0), min((tile.col + tile.cols) * p - dx, width)
-            x = region[None, :, y0 - (top - dy):y1 - (top - dy), x0_ - (left - dx):x1 - (left - dx)]
-            out = out[..., y0 + dy - tile.row * p:y1 + dy - tile.row * p, x0_ + dx - tile.col * p:x1 + dx - tile.col * p]
+            own_top, own_bottom = max(tile.row * p - dy, 0), min((tile.row + tile.rows) * p - dy, height)
+            own_left, own_right = max(tile.col * p - dx, 0), min((tile.col + tile.cols) * p - dx, width)
+            x = region[None, :, own_top - (top - dy):own_bottom - (top - dy),
+                       own_left - (left - dx):own_right - (left - dx)]
+            out = out[..., own_top + dy - tile.row * p:own_bottom + dy - tile.row * p,
+                      own_left + dx - tile.col * p:own_right + dx - tile.col * p]
             x0 = method.x0_from_output(x, sigma, out).clamp(-1, 1)  # clip_denoised, after guidance
 
-            def noise_fn(like, y0=y0, y1=y1, x0_=x0_, x1=x1, step=i):
-                rows, cols = range(y0 // p, -(-y1 // p)), range(x0_ // p, -(-x1 // p))
+            def noise_fn(like, box=(own_top, own_bottom, own_left, own_right), step=i):
+                b_top, b_bottom, b_left, b_right = box  # noise of the canvas patches under the box, cropped to it
+                rows, cols = range(b_top // p, -(-b_bottom // p)), range(b_left // p, -(-b_right // p))
                 z = patch_noise(seed, _STEP_STREAM, step, rows, cols, p, C)
-                return z[None, :, y0 - rows.start * p:y1 - rows.start * p, x0_ - cols.start * p:x1 - cols.start * p].to(like)
+                return z[None, :, b_top - rows.start * p:b_bottom - rows.start * p,
+                         b_left - cols.start * p:b_right - cols.start * p].to(like)
 
             # One step of the existing sampler, with the x̂0 just computed.
             x_next = sampler_fn(lambda *_a, **_k: x0, x, torch.tensor([sigma, sigma_next]),
                                 noise_fn=noise_fn, **options)
-            store.write_next(y0, x0_, x_next[0])
+            store.write_next(own_top, own_left, x_next[0])
         store.swap()
     store.flush()
     return TiledResult(store, time.time() - start, len(sigmas) - 1, calls)

@@ -136,10 +136,10 @@ def read_region(canvas, top: int, bottom: int, left: int, right: int,
         return F.pad(inside, (x0 - left, right - x1, y0 - top, bottom - y1))
     rows, rows_in = _axis_index(top, bottom, H, m_top, m_bottom)
     cols, cols_in = _axis_index(left, right, W, m_left, m_right)
-    if isinstance(canvas, torch.Tensor):
-        region = canvas[..., rows.to(canvas.device), :][..., cols.to(canvas.device)]
-    else:  # a memmap reads only the rows asked for
-        region = torch.from_numpy(np.ascontiguousarray(canvas[..., rows.numpy(), :][..., cols.numpy()]))
+    r0, c0 = int(rows.min()), int(cols.min())
+    block = canvas[..., r0:int(rows.max()) + 1, c0:int(cols.max()) + 1]  # a slice: a memmap reads only this
+    block = block if isinstance(block, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(block))
+    region = block[..., (rows - r0).to(block.device), :][..., (cols - c0).to(block.device)]
     keep = (rows_in[:, None] & cols_in[None, :]).to(region.device, region.dtype)
     return region * keep
 
