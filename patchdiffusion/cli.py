@@ -267,6 +267,11 @@ def cmd_config(args, extra: list[str]) -> int:
 def cmd_bench(args, extra: list[str]) -> int:
     from patchdiffusion.benchmarking import BENCHMARKS, run_benchmark
 
+    if args.help and args.name:
+        return run_benchmark(args.name, ["--help"])
+    if args.help:
+        args.bench_parser.print_help()
+        return 0
     if not args.name:
         print("benchmarks:")
         for name, (_, text) in BENCHMARKS.items():
@@ -401,9 +406,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list-presets", action="store_true", help="list the named presets")
     p.set_defaults(func=cmd_config)
 
-    p = sub.add_parser("bench", help="run a benchmark (no name: list them)")
-    p.add_argument("name", nargs="?", help="benchmark name")
-    p.set_defaults(func=cmd_bench)
+    # --help after a name belongs to that benchmark's own parser, so this one adds its -h itself
+    p = sub.add_parser("bench", help="run a benchmark (no name: list them)", add_help=False)
+    p.add_argument("name", nargs="?", help="benchmark name (patchdiff bench NAME --help: its options)")
+    p.add_argument("-h", "--help", action="store_true", help="show this help (or NAME's) and exit")
+    p.set_defaults(func=cmd_bench, bench_parser=p)
 
     p = sub.add_parser("demo", help="train a small model on built-in data for a few minutes, then sample and report")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")

@@ -27,6 +27,15 @@ def test_help(capsys):
     assert "key=value" in out and "--resume" in out
 
 
+def test_bench_help_is_the_benchmarks_own(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "patch-dm-memory", "--help"])
+    assert e.value.code == 0
+    assert "--patch-batch" in capsys.readouterr().out
+    assert main(["bench", "--help"]) == 0
+    assert "NAME --help" in capsys.readouterr().out
+
+
 def test_full_train_then_sample(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--run", str(run), "--steps", "2", *TINY]) == 0
