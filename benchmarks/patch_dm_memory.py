@@ -126,6 +126,8 @@ def _run_case(args, side: int, storage: str) -> dict:
 
 
 def run(args, command: str) -> dict:
+    from patchdiffusion.presets import preset_config
+
     results = {storage: {} for storage in STORAGES}
     for storage in STORAGES:
         for side in args.sides:
@@ -147,7 +149,7 @@ def run(args, command: str) -> dict:
               "x_t and x_{t-1} in float32 (in RAM for 'memory', in files for 'disk'). Random weights (memory and "
               "time do not depend on them). Times on a CPU shared with other jobs."),
         config=dict(preset=args.preset, channels=args.channels, guidance=args.guidance, patch_batch=args.patch_batch,
-                    steps=args.steps, threads=args.threads,
+                    steps=args.steps, threads=args.threads, grid_shift=preset_config(args.preset).model.grid_shift,
                     sampler="ddim", sides=list(args.sides)),
         results=results, checks=checks, all_hold=all(c["holds"] for c in checks.values()),
     )
