@@ -334,6 +334,9 @@ def generate_canvases(run_dir: str | Path, out_dir: str | Path, num: int = 1, se
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
+    # Large canvases take minutes each: say up front how many are coming (sample's --num defaults to 16).
+    log(f"sampling {num} canvas{'es' if num != 1 else ''} of {width}x{height} ({steps} {sampler} steps, guidance "
+        f"{guidance}, window grid {method.config.grid_shift}, canvas in {storage}) into {out_dir}")
     for i in range(num):
         result = sample_canvas(method, net, height, width, seed=seed + i, code=codes[i], sampler=sampler,
                                steps=steps, guidance=guidance, eta=eta, storage=storage, folder=str(out_dir),

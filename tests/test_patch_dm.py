@@ -247,7 +247,7 @@ def test_latent_code_model_matches_the_table():
 # end to end: train, train-codes, sample with the CLI
 
 
-def test_cli_train_codes_and_sample(tmp_path):
+def test_cli_train_codes_and_sample(tmp_path, capsys):
     from PIL import Image
 
     from patchdiffusion.cli import main
@@ -266,6 +266,7 @@ def test_cli_train_codes_and_sample(tmp_path):
     assert main(["sample", "--run", str(run), "--size", "48x32", "--num", "1", "--steps", "2", "--out",
                  str(tmp_path / "reuse"), "--code-from", "3", "--canvas", "disk", "--no-progress"]) == 0
     assert Image.open(tmp_path / "reuse" / "000000.png").size == (48, 32)
+    assert "sampling 1 canvas of 48x32 (2 ddim steps" in capsys.readouterr().out  # said before the work
     assert main(["sample", "--run", str(run), "--size", "64x64", "--num", "1", "--steps", "3", "--out",
                  str(tmp_path / "moved"), "--grid-shift", "random", "--positions", "none", "--no-progress"]) == 0
     assert Image.open(tmp_path / "moved" / "000000.png").size == (64, 64)
