@@ -266,7 +266,7 @@ def test_cli_train_codes_and_sample(tmp_path, capsys):
     assert main(["sample", "--run", str(run), "--size", "48x32", "--num", "1", "--steps", "2", "--out",
                  str(tmp_path / "reuse"), "--code-from", "3", "--canvas", "disk", "--no-progress"]) == 0
     assert Image.open(tmp_path / "reuse" / "000000.png").size == (48, 32)
-    assert "sampling 1 canvas of 48x32 (2 ddim steps" in capsys.readouterr().out  # said before the work
+    assert "sampling 1 canvas of 48x32 (2 ddim steps" in capsys.readouterr().out  # count and size announced
     assert main(["sample", "--run", str(run), "--size", "64x64", "--num", "1", "--steps", "3", "--out",
                  str(tmp_path / "moved"), "--grid-shift", "random", "--positions", "none", "--no-progress"]) == 0
     assert Image.open(tmp_path / "moved" / "000000.png").size == (64, 64)
