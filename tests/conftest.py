@@ -18,3 +18,13 @@ def tiny_vae(tmp_path):
     path = tmp_path / "vae"
     vae.save_pretrained(path)
     return path
+
+
+def batch_of(images, labels=None, index=None, plan=None):
+    """A TrainBatch for calling a method's loss directly (index: 0..B-1 unless given)."""
+    import torch
+
+    from patchdiffusion.methods.base import StepPlan, TrainBatch
+
+    index = torch.arange(len(images)) if index is None else index
+    return TrainBatch(images, labels, index, plan or StepPlan())

@@ -119,9 +119,9 @@ def test_nan_loss_stops_with_clear_message(tmp_path, monkeypatch):
     real_loss = FullImageMethod.loss
     calls = {"n": 0}
 
-    def loss_turning_nan(self, net, images, labels, rng):
+    def loss_turning_nan(self, net, batch, rng):
         calls["n"] += 1
-        value = real_loss(self, net, images, labels, rng)
+        value = real_loss(self, net, batch, rng)
         return value * float("nan") if calls["n"] > 3 else value
 
     monkeypatch.setattr(FullImageMethod, "loss", loss_turning_nan)
