@@ -11,15 +11,79 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, ClassVar, Union
 
 import yaml
 
 from patchdiffusion.errors import ConfigError
+
+
+# --------------------------------------------------------------------------------------------
+# value checks: a config dataclass lists the ranges and choices of its fields in RANGES / CHOICES;
+# every float anywhere must be finite unless its range allows infinity.
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a number: low <= v (or low < v when low_open) and v <= high."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    allow_inf: bool = False
+
+    def describe(self) -> str:
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+        if self.high is not None:
+            parts.append(f"<= {self.high:g}")
+        return " and ".join(parts) or "finite"
+
+    def check(self, value: float, where: str) -> None:
+        if isinstance(value, float) and math.isnan(value):
+            raise ConfigError(f"{where} must be a number, got nan")
+        if isinstance(value, float) and math.isinf(value):
+            if self.allow_inf and value > 0:
+                return
+            raise ConfigError(f"{where} must be finite, got {value}")
+        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        too_high = self.high is not None and value > self.high
+        if too_low or too_high:
+            raise ConfigError(f"{where} must be {self.describe()}, got {value:g}")
+
+
+MAX_SIDE = 1 << 20  # a side beyond a million pixels is a typo, not a canvas
+POSITIVE = Range(0, low_open=True)
+AT_LEAST_ONE = Range(1)
+NON_NEGATIVE = Range(0)
+PROBABILITY = Range(0, 1)
+FINITE = Range()
+
+
+def check_values(obj: Any, where: str = "") -> None:
+    """Refuse values outside a dataclass tree's RANGES/CHOICES, and any non-finite float, with one line."""
+    ranges = getattr(type(obj), "RANGES", {})
+    choices = getattr(type(obj), "CHOICES", {})
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        name = f"{where}.{f.name}" if where else f.name
+        if dataclasses.is_dataclass(value):
+            check_values(value, name)
+            continue
+        values = value if isinstance(value, (tuple, list)) else [value]
+        for item in values:
+            if dataclasses.is_dataclass(item):
+                check_values(item, name)
+            elif isinstance(item, (int, float)) and not isinstance(item, bool):
+                ranges.get(f.name, FINITE).check(item, name)
+        if f.name in choices and value not in choices[f.name]:
+            raise ConfigError(f"{name} must be one of {', '.join(map(str, choices[f.name]))}, got {value!r}")
 
 
 @dataclass
@@ -29,7 +93,10 @@ class DataConfig:
     transform: str = "center-crop"       # how stored images of another size are fitted: center-crop | resize
     hflip: bool = True                   # random horizontal flips (decided per example from its own seed)
     use_labels: bool = False             # feed class labels to the model (sources that have them)
-    num_workers: int = 0                 # DataLoader worker processes
+    num_workers: int = 0                 # DataLoader worker processes (0 = load in the training process)
+
+    RANGES: ClassVar[dict] = {"resolution": Range(1, MAX_SIDE), "num_workers": Range(0, 256)}
+    CHOICES: ClassVar[dict] = {"transform": ("center-crop", "resize")}
 
     def __post_init__(self) -> None:
         self.resolution = parse_size(self.resolution)
@@ -61,6 +128,17 @@ class TrainConfig:
     metric_every: int = 0                # steps between in-training SWD checks (0 = off; costs a sampling run)
     metric_images: int = 256             # images generated (and real images compared) for each SWD check
 
+    RANGES: ClassVar[dict] = {
+        "batch_size": Range(1, 1e6), "steps": Range(1, 1e12), "max_minutes": Range(0, 1e7),
+        "max_cpu_minutes": Range(0, 1e7), "lr": Range(0, 10, low_open=True), "weight_decay": Range(0, 10),
+        "betas": Range(0, 1), "warmup_steps": Range(0, 1e12), "grad_clip": NON_NEGATIVE,
+        "ema_halflife_kimg": NON_NEGATIVE, "ema_rampup": PROBABILITY, "seed": Range(0, 2**63 - 1),
+        "log_every": Range(1, 1e12), "checkpoint_every": Range(0, 1e12), "keep_checkpoints": Range(0, 1e6),
+        "sample_every": Range(0, 1e12), "sample_images": Range(0, 4096), "metric_every": Range(0, 1e12),
+        "metric_images": Range(2, 1e6),
+    }
+    CHOICES: ClassVar[dict] = {"precision": ("fp32", "bf16", "fp16")}
+
 
 @dataclass
 class SampleConfig:
@@ -73,6 +151,12 @@ class SampleConfig:
     S_noise: float = 1.0
     eta: float = 0.0                     # DDIM stochasticity
     use_ema: bool = True                 # sample from the EMA weights
+
+    RANGES: ClassVar[dict] = {
+        "num_steps": Range(0, 1e6), "guidance": Range(0, 1e3), "S_churn": Range(0, 1e6), "S_min": NON_NEGATIVE,
+        "S_max": Range(0, allow_inf=True), "S_noise": Range(0, 10), "eta": Range(0, 1),
+    }
+    CHOICES: ClassVar[dict] = {"sampler": ("", "heun", "euler", "ddim", "ddpm", "dpmpp_2m")}
 
 
 @dataclass
@@ -186,7 +270,14 @@ def from_dict(cls: type, values: dict, where: str = "") -> Any:
     kwargs = {}
     for name, value in values.items():
         kwargs[name] = _coerce(value, hints[name], f"{where + '.' if where else ''}{name}")
-    return cls(**kwargs)
+    try:
+        built = cls(**kwargs)
+    except (TypeError, ValueError) as e:  # a dataclass's own __post_init__ check
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{where or cls.__name__}: {e}") from None
+    check_values(built, where)
+    return built
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,12 +25,13 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from patchdiffusion.config import to_dict
+from patchdiffusion.config import Range, to_dict
 from patchdiffusion.diffusion import parameterization
 from patchdiffusion.diffusion.precond import DiscretePrecond
 from patchdiffusion.errors import ConfigError
@@ -50,6 +51,8 @@ class DiMRConfig:
     latent: bool = False                 # train on VAE latents (needs vae_path and net.in_channels = latent channels)
     vae_path: str = ""                   # local diffusers AutoencoderKL directory (save_pretrained layout)
     latent_cache: str = ""               # directory caching each image's encoder Gaussian ("" = encode every step)
+
+    RANGES: ClassVar[dict] = {"timesteps": Range(2, 1e6), "loss_weights": Range(0, 1e6), "label_dropout": Range(0, 1)}
 
 
 def multi_scale_targets(noise: torch.Tensor, sizes: list[tuple[int, int]]) -> list[torch.Tensor]:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
+from patchdiffusion.config import Range
 from patchdiffusion.diffusion.losses import EDMLoss
 from patchdiffusion.diffusion.precond import EDMPrecond
 from patchdiffusion.diffusion.schedules import edm_sigmas
@@ -35,6 +37,12 @@ class EDMSettings:
     sigma_max: float = 80.0
     rho: float = 7.0
     label_dropout: float = 0.0           # share of labels replaced by the null label (for guidance)
+
+    RANGES: ClassVar[dict] = {
+        "sigma_data": Range(0, 1e3, low_open=True), "P_mean": Range(-20, 20), "P_std": Range(0, 20, low_open=True),
+        "sigma_min": Range(0, 1e4, low_open=True), "sigma_max": Range(0, 1e6, low_open=True),
+        "rho": Range(0, 1e3, low_open=True), "label_dropout": Range(0, 1),
+    }
 
 
 def edm_sampling_sigmas(settings: EDMSettings, steps: int) -> torch.Tensor:

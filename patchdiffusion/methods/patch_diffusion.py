@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
+from patchdiffusion.config import Range
 from patchdiffusion.diffusion.losses import EDMLoss
 from patchdiffusion.diffusion.precond import EDMPrecond
 from patchdiffusion.errors import ConfigError
@@ -47,6 +49,8 @@ class PatchDiffusionConfig(EDMSettings):
     latent: bool = False                 # train on VAE latents (needs vae_path and net in/out_channels = latent's)
     vae_path: str = ""                   # local diffusers AutoencoderKL directory (save_pretrained layout)
     latent_cache: str = ""               # directory caching each image's encoder Gaussian ("" = encode every step)
+
+    RANGES: ClassVar[dict] = {**EDMSettings.RANGES, "real_p": Range(0, 1)}
 
 
 @dataclass(frozen=True)

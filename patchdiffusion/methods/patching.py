@@ -19,9 +19,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
+from patchdiffusion.config import Range
 from patchdiffusion.diffusion.losses import DDPMLoss
 from patchdiffusion.diffusion.precond import DiscretePrecond
 from patchdiffusion.diffusion.schedules import VPSchedule
@@ -47,6 +49,8 @@ class PatchingConfig:
     weighting: str = "sqrt_snr"          # loss weight w_t on ‖x0 − x̂0‖²: sqrt_snr | snr | snr+1 | truncated_snr | p2 | none
     vb_weight: float = 1.0               # weight of the variational-bound term (learned variance only)
     label_dropout: float = 0.1           # assumption: the paper trained with CFG, the code shows no dropout
+
+    RANGES: ClassVar[dict] = {"timesteps": Range(2, 1e6), "vb_weight": Range(0, 1e6), "label_dropout": Range(0, 1)}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -24,11 +24,13 @@ The net knows nothing of σ or of how canvases are tiled; `methods/patch_dm.py` 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from patchdiffusion.config import Range
 
 from .layers import AttentionBlock, Downsample, Upsample, conv3x3, normalization, timestep_embedding, zero_module
 
@@ -46,6 +48,13 @@ class CollageUNetConfig:
     dropout: float = 0.0  # dropout inside ResBlocks
     code_dim: int = 512  # width of the semantic code (CLIP ViT-B/16 image embedding: 512); 0 = no code
     num_codes: int = 0  # rows of the code table (one per training image); 0 = no table (codes passed in)
+
+    RANGES: ClassVar[dict] = {
+        "in_channels": Range(1, 1 << 16), "out_channels": Range(1, 1 << 16), "patch_size": Range(2, 1 << 12), "model_channels": Range(1, 1 << 16),
+        "channel_mult": Range(1, 1 << 10), "num_res_blocks": Range(0, 64), "attention_resolutions": Range(1, 1 << 12),
+        "head_channels": Range(0, 1 << 16), "dropout": Range(0, 1), "code_dim": Range(0, 1 << 16),
+        "num_codes": Range(0, 1 << 31),
+    }
 
     def __post_init__(self) -> None:
         self.channel_mult = tuple(int(m) for m in self.channel_mult)  # YAML gives lists

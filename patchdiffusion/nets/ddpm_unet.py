@@ -24,10 +24,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from patchdiffusion.config import Range
 
 
 @dataclass
@@ -40,6 +43,11 @@ class DDPMUNetConfig:
     resnet_block_groups: int = 8         # GroupNorm groups inside ResnetBlocks
     attn_heads: int = 4                  # heads of the linear and the full attention
     attn_dim_head: int = 32              # channels per head
+
+    RANGES: ClassVar[dict] = {
+        "dim": Range(1, 1 << 16), "dim_mults": Range(1, 1 << 10), "init_dim": Range(1, 1 << 16), "channels": Range(1, 1 << 16), "out_dim": Range(1, 1 << 16),
+        "resnet_block_groups": Range(1, 1 << 10), "attn_heads": Range(1, 1 << 10), "attn_dim_head": Range(1, 1 << 16),
+    }
 
     def __post_init__(self) -> None:
         self.dim_mults = tuple(int(m) for m in self.dim_mults)  # YAML gives lists

@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from patchdiffusion.config import Range
 
 from .tdln import NORM_KINDS, TimeEmbedding, make_norm, shared_time, time_coordinate
 
@@ -60,6 +62,13 @@ class StageConfig:
     output_kernel: int = 3           # kernel of the output conv predicting ε at this stage's resolution
     dropout: float = 0.0             # dropout on each residual branch
 
+    RANGES: ClassVar[dict] = {
+        "dim": Range(1, 1 << 16), "hidden_dim": Range(1, 1 << 16), "num_blocks": Range(1, 1024), "heads": Range(1, 1024),
+        "kernel_size": Range(1, 255), "input_downsample": Range(1, 1 << 10), "patch_size": Range(1, 1 << 10),
+        "output_kernel": Range(1, 255), "dropout": Range(0, 1),
+    }
+    CHOICES: ClassVar[dict] = {"block": ("transformer", "convnext")}
+
     @property
     def factor(self) -> int:
         """Input side / this stage's side."""
@@ -82,6 +91,10 @@ class DiMRNetConfig:
     block_grad_to_lowres: bool = False  # detach stage k's features before stage k+1 (reference flag; off)
     checkpointing: bool = False      # gradient checkpointing per block (the reference always does; saves memory)
     canvas: tuple[int, int] = (0, 0)  # (H, W) of the input the position tables are built for; set by the method
+
+    RANGES: ClassVar[dict] = {"in_channels": Range(1, 1 << 16), "num_classes": Range(0, 1 << 24), "adaln_embed_dim": Range(0, 1 << 16),
+                               "num_timesteps": Range(2, 1e6), "canvas": Range(0, 1 << 20)}
+    CHOICES: ClassVar[dict] = {"norm": ("td", "adaln")}
 
 
 # ------------------------------------------------------------------------------------------------

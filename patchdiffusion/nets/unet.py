@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from patchdiffusion.config import Range
 
 from .layers import (
     AttentionBlock,
@@ -67,6 +70,14 @@ class UNetConfig:
     #                                   channel_mult[-1]): the time MLP ends in SiLU and blocks project it bare
     learn_sigma: bool = False  # Luhman variance head: output gets out_channels more channels, v in [0, 1]
     resolution: int = 64  # nominal image side in pixels: picks attention levels, and omega = 64 / (resolution / P)
+
+    RANGES: ClassVar[dict] = {
+        "in_channels": Range(1, 1 << 16), "out_channels": Range(1, 1 << 16), "extra_in_channels": Range(0, 1 << 16), "model_channels": Range(1, 1 << 16),
+        "channel_mult": Range(0, 1 << 10, low_open=True), "num_res_blocks": Range(0, 64),
+        "attention_resolutions": Range(1, 1 << 20), "head_channels": Range(1, 1 << 16), "dropout": Range(0, 1),
+        "patch_size": Range(1, 1 << 10), "num_classes": Range(0, 1 << 24), "embedding_dim": Range(0, 1 << 16),
+        "time_embed_dim": Range(1, 1 << 16), "resolution": Range(1, 1 << 20),
+    }
 
     def __post_init__(self):
         self.channel_mult = tuple(self.channel_mult)  # YAML gives lists

@@ -24,12 +24,14 @@ once per denoiser call and shared by all chunks.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from patchdiffusion.config import Range
 from patchdiffusion.diffusion.losses import DDPMLoss
 from patchdiffusion.diffusion.precond import DiscretePrecond
 from patchdiffusion.errors import ConfigError
@@ -52,6 +54,10 @@ class PatchDDPMConfig:
     objective: str = "pred_noise"        # pred_noise (ε, the reference) | pred_x0
     patch_batch: int = 0                 # cells per network call when sampling (0 = all D² at once);
     #                                      `patchdiff sample --patch-batch K` overrides it
+
+    RANGES: ClassVar[dict] = {"patch_divider": Range(1, 1 << 10), "timesteps": Range(2, 1e6),
+                              "patch_batch": Range(0, 1 << 20)}
+    CHOICES: ClassVar[dict] = {"loss_type": ("l1", "l2"), "objective": tuple(_PREDICTIONS)}
 
 
 @dataclass(frozen=True)

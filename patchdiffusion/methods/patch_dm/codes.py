@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from patchdiffusion.config import Range
 from patchdiffusion.errors import ConfigError
 from patchdiffusion.nets.layers import timestep_embedding
 
@@ -148,6 +150,13 @@ class LatentCodeConfig:
     normalize: bool = False              # z-normalise the codes per dimension (reference flag, off by default)
     sample_steps: int = 50               # DDIM steps when drawing codes (reference eval: 50)
     seed: int = 0                        # batch order and noise
+
+    RANGES: ClassVar[dict] = {
+        "hidden": Range(1, 1 << 16), "num_layers": Range(1, 256), "time_channels": Range(2, 1 << 16),
+        "timesteps": Range(2, 1e6), "batch_size": Range(1, 1e6), "steps": Range(1, 1e12),
+        "lr": Range(0, 10, low_open=True), "weight_decay": Range(0, 10), "sample_steps": Range(1, 1e6),
+        "seed": Range(0, 2**63 - 1),
+    }
 
 
 class MLPSkipNet(nn.Module):

@@ -33,11 +33,12 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
 
+from patchdiffusion.config import Range
 from patchdiffusion.diffusion import parameterization
 from patchdiffusion.diffusion.guidance import ClassifierFreeGuidance
 from patchdiffusion.errors import ConfigError
@@ -54,6 +55,9 @@ from patchdiffusion.methods.patch_dm.tiles import (
 )
 from patchdiffusion.nets.collage import CollageUNet, CollageUNetConfig, cut_grid
 from patchdiffusion.rng import SampleRNG, mix_seed
+
+
+_POSITIONS, _GRID_SHIFTS = ("auto", "grid", "none"), ("fixed", "random")
 
 
 def _paper_net() -> CollageUNetConfig:
@@ -79,10 +83,12 @@ class PatchDMConfig:
     #                                      random (the window grid moves by a random offset every step; see grid_shift)
     latent: LatentCodeConfig = field(default_factory=LatentCodeConfig)  # the latent code model (train-codes)
 
+    RANGES: ClassVar[dict] = {"timesteps": Range(2, 1e6), "code_dropout": Range(0, 1), "position_dropout": Range(0, 1),
+                              "code_init_std": Range(0, 1e3), "patch_batch": Range(1, 1 << 20)}
+    CHOICES: ClassVar[dict] = {"prediction": ("eps", "v", "x0"), "positions": _POSITIONS, "grid_shift": _GRID_SHIFTS}
+
 
 _GRID_SHIFT_STREAM = 13  # rng stream of the random window-grid offsets
-
-_POSITIONS, _GRID_SHIFTS = ("auto", "grid", "none"), ("fixed", "random")
 
 
 @dataclass(frozen=True)
