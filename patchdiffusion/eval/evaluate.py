@@ -93,7 +93,7 @@ class MetricResult:
 class EvalReport:
     images: str
     reference: str | None
-    num_images: int
+    num_images: int  # evaluated images read (or generated)
     num_reference: int | None  # None for a statistics file that does not record it
     size: tuple[int, int]  # (W, H)
     device: str
@@ -103,6 +103,7 @@ class EvalReport:
     skipped: dict[str, str]  # metric -> why it was not computed
     notes: list[str]
     seconds: float
+    skipped_grid_files: int = 0  # grid.png files of `patchdiff sample` found among --images and left out
 
     def value(self, key: str) -> float:
         """The value of a metric by key ("fid", "swd", "precision", ...)."""
@@ -113,7 +114,10 @@ class EvalReport:
 
     def table(self) -> str:
         width, height = self.size
-        lines = [f"images:    {self.images} ({self.num_images} images, {width}x{height})"]
+        grids = ""
+        if self.skipped_grid_files:
+            grids = f"; skipped {self.skipped_grid_files} grid file{'s' if self.skipped_grid_files > 1 else ''}"
+        lines = [f"images:    {self.images} ({self.num_images} images read, {width}x{height}{grids})"]
         if self.reference is not None:
             count = f"{self.num_reference} images" if self.num_reference else "image count not recorded"
             lines.append(f"reference: {self.reference} ({count})")
@@ -276,6 +280,8 @@ def evaluate(
         evaluated = _open_evaluated(str(images), options, scratch)
         notes += evaluated.notes
         reference = _open_reference(str(ref), evaluated.size, options) if ref is not None else None
+        if reference is not None and reference.images is not None:
+            notes += reference.images.notes
         results = _compute(metrics, evaluated, reference, detector, device, options, skipped, notes)
 
     count = len(evaluated)
@@ -296,6 +302,7 @@ def evaluate(
         images=str(images), reference=None if ref is None else str(ref), num_images=count,
         num_reference=num_reference, size=evaluated.size, device=str(device), inception=inception,
         protocols=protocols, metrics=results, skipped=skipped, notes=notes, seconds=time.perf_counter() - started,
+        skipped_grid_files=len(evaluated.skipped_grids),
     )
 
 
