@@ -164,3 +164,15 @@ def test_sample_folder_is_evaluated_without_its_grid(tmp_path, capsys):
     assert "seam@3" in printed
     report = json.loads(out.read_text())
     assert report["num_images"] == 3 and report["skipped_grid_files"] == 1
+
+
+def test_unpublished_inception_weights_are_a_warning_in_the_report(tmp_path, capsys, random_inception):
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--images", "builtin:photos?count=4", "--ref", "builtin:photos?count=4", "--metrics", "fid",
+                 "--resolution", "16", "--inception", str(random_inception), "--json", str(out),
+                 "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "WARNING: Inception weights" in captured.out and "NOT comparable with published figures" in captured.out
+    assert "patchdiff eval: WARNING: Inception weights" in captured.err
+    report = json.loads(out.read_text())
+    assert report["inception"]["published_as"] is None and len(report["inception"]["sha256"]) == 64

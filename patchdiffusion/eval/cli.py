@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from .errors import EvalError
@@ -117,6 +118,9 @@ def cmd_eval(args, extra: list[str]) -> int:
     )
     report = evaluate(args.images, args.ref, options)
     print(report.table())
+    for note in report.notes:
+        if note.startswith("WARNING"):  # also on stderr, where it is not lost in a redirected table
+            print(f"patchdiff eval: {note}", file=sys.stderr)
     if args.json:
         destination = Path(args.json)
     elif is_run_directory(args.images):
@@ -137,6 +141,9 @@ def cmd_eval_ref(args, extra: list[str]) -> int:
         keep_features=not args.stats_only, workers=args.workers, progress=not args.no_progress,
     )
     print(f"Inception pipeline: {detector.pipeline}")
+    if detector.warning:
+        print(detector.warning)
+        print(f"patchdiff eval ref: {detector.warning}", file=sys.stderr)
     print(f"wrote statistics of {count} images from {args.data} to {path}")
     return 0
 

@@ -124,7 +124,7 @@ class EvalReport:
         if self.inception:
             lines.append(f"Inception: {self.inception['path']} ({self.inception['format']})")
         lines += [f"{name} pipeline: {text}" for name, text in self.protocols.items()]
-        lines += [f"note: {note}" for note in self.notes]
+        lines += [note if note.startswith("WARNING") else f"note: {note}" for note in self.notes]
         if self.metrics:
             label_width = max(len(m.label) for m in self.metrics)
             lines.append("")
@@ -252,7 +252,7 @@ def _load_detector(metrics: tuple[str, ...], options: EvalOptions,
         for metric in wanted:
             skipped[metric] = "no Inception weights file"
         return None
-    return load_inception(path)
+    return load_inception(path, warn=False)  # an unverified file's warning goes into the report
 
 
 def evaluate(
@@ -276,6 +276,8 @@ def evaluate(
     detector = _load_detector(metrics, options, skipped)
     if skipped:
         notes.append(missing_weights_message())
+    if detector is not None and detector.warning:
+        notes.insert(0, detector.warning)
     with tempfile.TemporaryDirectory(prefix="patchdiff-eval-") as scratch:
         evaluated = _open_evaluated(str(images), options, scratch)
         notes += evaluated.notes
@@ -292,7 +294,8 @@ def evaluate(
     protocols = {}
     computed = {metric.key for metric in results}
     if detector is not None:
-        inception = dict(path=str(detector.path), format=detector.format, pipeline=detector.pipeline)
+        inception = dict(path=str(detector.path), format=detector.format, pipeline=detector.pipeline,
+                         sha256=detector.sha256, published_as=detector.published_as)
         protocols["Inception"] = detector.pipeline
     if "swd" in computed:
         protocols["SWD"] = SWD_PROTOCOL
@@ -434,7 +437,7 @@ def make_reference(
     path = find_inception_file(inception)
     if path is None:
         raise EvalError(missing_weights_message())
-    detector = load_inception(path)
+    detector = load_inception(path, warn=False)  # the caller reports detector.warning
     images = open_image_set(data, size, num, seed, transform)
     collector = FeatureCollector(detector, resolve_device(device))
     options = EvalOptions(batch_size=batch_size, workers=workers, progress=progress)
