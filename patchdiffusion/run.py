@@ -133,6 +133,8 @@ def verify_checkpoint(checkpoint: Checkpoint) -> bool:
         if name not in files:
             raise CheckpointDamaged(checkpoint, f"{MANIFEST_NAME}: does not list {name}")
     for name, expected in files.items():
+        if not isinstance(expected, dict):
+            raise CheckpointDamaged(checkpoint, f"{MANIFEST_NAME}: the entry of {name} is not a size and sha256")
         file = path / name
         if not file.is_file():
             raise CheckpointDamaged(checkpoint, f"{name}: missing")
@@ -486,6 +488,11 @@ def _unreadable(file: Path, error: Exception) -> RunError:
                     "an older checkpoint may still load (resume and sample pick the newest that verifies)")
 
 
+def _is_device_error(error: Exception) -> bool:
+    """Out of memory or a CUDA failure while loading: the file is fine, so not reported as damaged."""
+    return isinstance(error, torch.OutOfMemoryError) or "CUDA" in str(error)
+
+
 def load_weights(checkpoint: Checkpoint | str | Path, which: str = "ema", device: str | torch.device = "cpu"):
     """The `net` or `ema` weights of a checkpoint as a state dict on `device`."""
     path = _checkpoint_path(checkpoint)
@@ -495,6 +502,8 @@ def load_weights(checkpoint: Checkpoint | str | Path, which: str = "ema", device
     try:
         return safetensors.torch.load_file(str(file), device=str(device))
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        if _is_device_error(error):
+            raise
         raise _unreadable(file, error) from None
 
 
@@ -505,6 +514,8 @@ def load_train_state(checkpoint: Checkpoint | str | Path, device: str | torch.de
     try:
         return torch.load(file, map_location=device, weights_only=True)
     except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as error:
+        if _is_device_error(error):
+            raise
         raise _unreadable(file, error) from None
 
 

@@ -54,6 +54,7 @@ def test_manifest_lists_every_file_with_size_and_sha256(tmp_path):
     assert runs.verify_checkpoint(runs.Checkpoint(path, 1)) is True
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names open files through /proc (Linux)")
 def test_files_and_folder_are_fsynced_before_the_rename_and_the_parent_after(tmp_path, monkeypatch):
     events = []
     real_fsync, real_replace = os.fsync, os.replace
