@@ -66,7 +66,8 @@ KNOWN_FILE_NAMES = (
 # StyleGAN2-ADA's TorchScript inception-2015-12-05.pt, and .safetensors conversions (ours to make, so
 # never published). Such files load, always with the warning; add their digests here once published.
 PUBLISHED_SHA256 = {
-    "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2": "pytorch-fid pt_inception-2015-12-05-6726825d.pth",
+    "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2":
+        "pytorch-fid pt_inception-2015-12-05-6726825d.pth",
 }
 
 
