@@ -60,8 +60,8 @@ KNOWN_FILE_NAMES = (
 # figures comparable with published FIDs; any other file (a conversion, random weights) loads with a warning.
 #   pytorch-fid's port (github.com/mseitzer/pytorch-fid, release "fid_weights"): the name's "6726825d" is the
 #   start of this digest (torch.hub's naming rule); the full digest is listed beside that URL in
-#   qiuyu96/Carver models/inception_model.py (_MODEL_URL_SHA256, after genforce's Hammer) and recorded for
-#   torch-fidelity's identical weights-inception-2015-12-05-6726825d.pth.
+#   qiuyu96/Carver models/inception_model.py (_MODEL_URL_SHA256), and several projects record the same digest
+#   for torch-fidelity's copy, weights-inception-2015-12-05-6726825d.pth.
 # Not listed, because no published sha256 could be found: EDM/StyleGAN3's inception-2015-12-05.pkl (NVIDIA NGC),
 # StyleGAN2-ADA's TorchScript inception-2015-12-05.pt, and .safetensors conversions (ours to make, so
 # never published). Such files load, always with the warning; add their digests here once published.
