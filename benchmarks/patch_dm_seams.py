@@ -81,12 +81,12 @@ def real_images(source: str, size: tuple[int, int], num: int) -> np.ndarray:
 
 
 def run(args, command: str) -> dict:
-    from patchdiffusion.config import load_config, parse_resolution
+    from patchdiffusion.config import load_config, parse_size
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     config = load_config(os.path.join(args.collage_run, "config.yaml"))
-    size = parse_resolution(args.size) if args.size else tuple(4 * s for s in config.data.resolution)
+    size = parse_size(args.size) if args.size else tuple(4 * s for s in config.data.resolution)
     cases, samples = {}, {}
     for shift in args.grid_shift.split(","):
         for label, run_dir in (("collage", args.collage_run), ("no collage", args.plain_run)):

@@ -18,12 +18,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import math
 import sys
 import time
 import typing
 from pathlib import Path
 
+from patchdiffusion.config import number_arg, positive_int, seed_int, size_arg
 from patchdiffusion.errors import ConfigError, TrainingDiverged, UserError
 
 EPILOG_TRAIN = """\
@@ -46,60 +46,6 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _user_errors() -> tuple[type, ...]:
-    """Every error type whose message is meant for the user."""
-    from patchdiffusion.data import DataError
-    from patchdiffusion.run import RunError
-
-    return (UserError, DataError, RunError)
-
-
-# ------------------------------------------------------------------------------------------------
-# argument types that refuse meaningless numbers with one line
-
-
-def _number(kind: type, minimum: float | None = None, above: float | None = None, maximum: float | None = None):
-    """An argparse type: a finite number of `kind`, >= minimum / > above / <= maximum."""
-
-    def parse(text: str):
-        try:
-            value = float(text)
-            if kind is int:
-                if not math.isfinite(value) or value != int(value):
-                    raise ValueError
-                value = int(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-        if minimum is not None and value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
-        if above is not None and value <= above:
-            raise argparse.ArgumentTypeError(f"must be greater than {above}, got {text}")
-        if maximum is not None and value > maximum:
-            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {text}")
-        return value
-
-    parse.__name__ = kind.__name__  # argparse names the type in its messages
-    return parse
-
-
-positive_int = _number(int, minimum=1)
-nonnegative_int = _number(int, minimum=0)
-positive_float = _number(float, above=0)
-seed_int = _number(int, minimum=0, maximum=2**63 - 1)
-
-
-def _size_text(text: str) -> str:
-    from patchdiffusion.config import parse_size
-
-    try:
-        parse_size(text)
-    except ConfigError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
 
 
 def _split_overrides(extra: list[str]) -> list[str]:
@@ -144,9 +90,9 @@ def _flag_type(annotation, metadata: dict):
     args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
     kind = args[0]
     if kind is int:
-        return _number(int, minimum=metadata.get("min"))
+        return number_arg(int, minimum=metadata.get("min"))
     if kind is float:
-        return _number(float, minimum=metadata.get("min"))
+        return number_arg(float, minimum=metadata.get("min"))
     return str
 
 
@@ -188,12 +134,13 @@ def _add_sampler_options(parser: argparse.ArgumentParser) -> None:
             owners.setdefault(name, []).append(sampler)
     for name, samplers in owners.items():
         default = inspect.signature(SAMPLERS[samplers[0]]).parameters[name].default
-        kind = _number(float, minimum=0) if isinstance(default, float) else str
+        kind = number_arg(float, minimum=0, maximum=SAMPLER_MAXIMA.get(name, 1e6)) if isinstance(default, float) else str
         group.add_argument(f"--{name}", dest=f"sampler_option.{name}", metavar=name.upper(), type=kind, default=None,
                            choices=SAMPLER_CHOICES.get(name), help=f"{'/'.join(samplers)} (default {default})")
 
 
 SAMPLER_CHOICES = {"variance": ("small", "large", "learned")}  # the string-valued sampler options
+SAMPLER_MAXIMA = {"eta": 1.0, "S_noise": 10.0}  # beyond these the sampler's formulas stop making sense
 
 
 def _collected(args, prefix: str) -> dict:
@@ -268,13 +215,14 @@ def add_train_parser(sub) -> None:
     p.add_argument("--preset", help="named starting config (see `patchdiff config --list-presets`)")
     p.add_argument("--method", choices=method_names(), help="method (default: full)")
     p.add_argument("--data", help="data source: folder, .zip, .lmdb, or builtin:textures|photos|digits")
-    p.add_argument("--resolution", type=_size_text, help="training size: N or WxH")
+    p.add_argument("--resolution", type=size_arg, help="training size: N or WxH")
     p.add_argument("--run", "--run-dir", dest="run", help="run directory (default: runs/METHOD-TIMESTAMP)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run from its last checkpoint")
     p.add_argument("--force", action="store_true", help="start a new run even if --run already holds one")
     p.add_argument("--steps", type=positive_int, help="total optimizer steps (train.steps)")
-    p.add_argument("--batch", type=positive_int, help="global batch size (train.batch_size)")
-    p.add_argument("--minutes", type=positive_float, help="stop after this much wall time (train.max_minutes)")
+    p.add_argument("--batch", type=number_arg(int, minimum=1, maximum=1e6), help="global batch size (train.batch_size)")
+    p.add_argument("--minutes", type=number_arg(float, above=0, maximum=1e7),
+                   help="stop after this much wall time (train.max_minutes)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--latents", action="store_true", help="train on VAE latents (methods with model.latent; needs --vae)")
     p.add_argument("--vae", help="local diffusers AutoencoderKL directory (model.vae_path)")
@@ -316,16 +264,18 @@ def cmd_sample(args, extra: list[str]) -> int:
 def add_sample_parser(sub) -> None:
     p = sub.add_parser("sample", help="generate images from a run directory")
     p.add_argument("--run", required=True, help="run directory made by `patchdiff train`")
-    p.add_argument("--num", type=positive_int, default=16, help="number of images (default 16)")
+    p.add_argument("--num", type=number_arg(int, minimum=1, maximum=1e8), default=16, help="number of images (default 16)")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the first image; image i uses seed+i")
     p.add_argument("--sampler", choices=["heun", "euler", "ddim", "ddpm", "dpmpp_2m"],
                    help="sampler (default: the run's sample.sampler, else the method's)")
-    p.add_argument("--steps", type=positive_int, help="sampling steps (default: the method's)")
-    p.add_argument("--guidance", "--cfg-scale", dest="guidance", type=_number(float, minimum=0),
+    p.add_argument("--steps", type=number_arg(int, minimum=1, maximum=1e6), help="sampling steps (default: the method's)")
+    p.add_argument("--guidance", "--cfg-scale", dest="guidance", type=number_arg(float, minimum=0, maximum=1e3),
                    help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--class", dest="class_label", type=nonnegative_int, help="class label to generate")
-    p.add_argument("--size", type=_size_text, help="canvas size N or WxH (default: the training size)")
-    p.add_argument("--batch", type=positive_int, default=16, help="images per batch (memory), does not change results")
+    p.add_argument("--class", dest="class_label", type=number_arg(int, minimum=0, maximum=1 << 24),
+                   help="class label to generate")
+    p.add_argument("--size", type=size_arg, help="canvas size N or WxH (default: the training size)")
+    p.add_argument("--batch", type=number_arg(int, minimum=1, maximum=1e6), default=16,
+                   help="images per batch (memory), does not change results")
     p.add_argument("--out", help="output folder (default: RUN/generated)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
@@ -370,7 +320,7 @@ def add_data_parser(sub) -> None:
     )
     c.add_argument("--source", required=True, help="folder, .zip, .lmdb, or builtin:NAME")
     c.add_argument("--dest", required=True, help="output: X.zip, X.lmdb, or a folder")
-    c.add_argument("--resolution", type=_size_text, help="output size N or WxH (default: keep each image's size)")
+    c.add_argument("--resolution", type=size_arg, help="output size N or WxH (default: keep each image's size)")
     c.add_argument("--transform", default="center-crop", choices=["center-crop", "resize"])
     c.add_argument("--overwrite", action="store_true", help="replace an existing --dest")
     c.add_argument("--no-progress", action="store_true")
@@ -451,7 +401,8 @@ def cmd_demo(args, extra: list[str]) -> int:
 def add_demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="train a small model on built-in data for a few minutes, then sample and report")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
-    p.add_argument("--minutes", type=positive_float, default=5.0, help="training time budget (default 5)")
+    p.add_argument("--minutes", type=number_arg(float, above=0, maximum=1e7), default=5.0,
+                   help="training time budget (default 5)")
     p.add_argument("--data", default="builtin:textures", help="data source (default builtin:textures)")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
@@ -533,13 +484,16 @@ def _no_abbrev(cls):
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    try:
+        args, extra = parser.parse_known_args(argv)
+    except SystemExit as e:  # --help, or a bad command line already reported in one line
+        return int(e.code or 0)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
         return args.func(args, extra) or 0
-    except _user_errors() as e:
+    except UserError as e:  # every layer's errors meant for the user (ConfigError, DataError, RunError, ...)
         print(f"patchdiff {args.command}: error: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:  # a training divergence is a user-facing outcome, not a crash

@@ -72,7 +72,7 @@ def run_demo(
     samples = sorted((run_dir / "samples").glob("step-*.png"))
     if samples:
         shutil.copy(samples[-1], out_dir / "samples.png")
-    dataset = build_dataset(config)
+    dataset, _ = build_dataset(config)
     count = min(36, len(dataset))
     real = torch.stack([dataset[i * len(dataset) // count][0] for i in range(count)])
     upscale = max(1, 128 // real.shape[-1])

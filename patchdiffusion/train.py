@@ -167,14 +167,16 @@ def learning_rate(cfg, step: int) -> float:
 # setting a run up
 
 
-def build_dataset(config: RunConfig):
-    from patchdiffusion.data import ImageDataset, open_source
+def build_dataset(config: RunConfig, run_dir: Path | None = None, resume: bool = False, write: bool = True,
+                  progress: bool = False):
+    """The training set of `config` and its report: unreadable or too-small images of a folder, zip or
+    LMDB are left out (listed in RUN/skipped_images.txt); a resumed run keeps its recorded index."""
+    from patchdiffusion.data import open_training_set
 
     height, width = config.data.resolution
-    source = open_source(config.data.source, resolution=(width, height))
-    return ImageDataset(
-        source, resolution=(width, height),
-        transform=config.data.transform, use_labels=config.data.use_labels,
+    return open_training_set(
+        config.data.source, (width, height), transform=config.data.transform, use_labels=config.data.use_labels,
+        run_dir=run_dir, resume=resume, write=write, progress=progress,
     )
 
 
@@ -245,9 +247,9 @@ class Trainer:
             )
         self.amp = autocast_context(self.cfg.precision, self.device)
 
-        self.dataset = build_dataset(config)
-        if len(self.dataset) == 0:
-            raise ConfigError(f"data source '{config.data.source}' holds no images")
+        self.dataset, data_report = build_dataset(config, run_dir, resume, write=self.dist.is_main,
+                                                  progress=progress and self.dist.is_main)
+        self.say(data_report.summary())
         self.method = build_method(config.method, config.model, config.data.resolution, image_channels=3)
         if config.data.use_labels and self.method.num_classes == 0:
             raise ConfigError("data.use_labels is true but the model is unconditional: set model.net.num_classes")
@@ -278,7 +280,9 @@ class Trainer:
 
     # -- set-up pieces -------------------------------------------------------------------------
     def restore(self) -> None:
-        checkpoint = runs.latest_checkpoint(self.run_dir)
+        if self.dist.is_main:
+            runs.remove_stale_temp_folders(self.run_dir)  # left by a process killed inside a checkpoint write
+        checkpoint = runs.newest_verified_checkpoint(self.run_dir, self.say)
         if checkpoint is None:
             self.say(f"WARNING: --resume given but '{self.run_dir}' has no checkpoint yet; starting from step 0")
             return

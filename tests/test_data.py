@@ -24,7 +24,7 @@ from patchdiffusion.data import (
     convert_dataset,
     hflip,
     open_source,
-    parse_resolution,
+    width_height,
     resize,
     to_rgb_uint8,
 )
@@ -121,7 +121,7 @@ def test_convert_skips_bad_files_and_converts_odd_modes(tmp_path):
     _save_png(src / "plain.png", _random_rgb(rng, 50, 70))
 
     dest = tmp_path / "out.zip"
-    summary = convert_dataset(src, dest, resolution=parse_resolution("32x32"), progress=False)
+    summary = convert_dataset(src, dest, resolution=width_height("32x32"), progress=False)
 
     assert summary.written == 4
     skipped = dict(summary.skipped)
@@ -388,9 +388,9 @@ def test_center_crop_and_resize_shapes():
     stretched = resize(image, 30, 10)
     assert stretched.shape == (10, 30, 3) and stretched[:, 0].max() < 50
     assert center_crop_resize(image, 100, 40) is image
-    assert parse_resolution("64x32") == (64, 32) and parse_resolution(16) == (16, 16)
+    assert width_height("64x32") == (64, 32) and width_height(16) == (16, 16)
     with pytest.raises(DataError):
-        parse_resolution("big")
+        width_height("big")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,3 +422,129 @@ def test_hflip_flips_only_masked_images():
     batch = torch.arange(2 * 1 * 1 * 3, dtype=torch.float32).view(2, 1, 1, 3)
     flipped = hflip(batch, torch.tensor([True, False]))
     assert flipped[0, 0, 0].tolist() == [2, 1, 0] and flipped[1, 0, 0].tolist() == [3, 4, 5]
+
+
+# ---------------------------------------------------------------------------------------------
+# Training straight from files: bad images skipped, counted and named (open_training_set)
+
+
+def _messy_images(rng: np.random.Generator, good: int = 26) -> dict[str, bytes]:
+    """`good` usable 16x16 PNGs and four that training must leave out, as encoded bytes by name."""
+    def png(pixels: np.ndarray) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    files = {f"img{i:02d}.png": png(_random_rgb(rng, 16, 16)) for i in range(good)}
+    whole = png(_random_rgb(rng, 24, 24))
+    files["bad_empty.png"] = b""
+    files["cut.png"] = whole[: len(whole) // 2]  # passes a header check, fails a full decode
+    files["dot.png"] = png(_random_rgb(rng, 1, 1))
+    files["small.png"] = png(_random_rgb(rng, 8, 12))  # would have to be enlarged to 16x16
+    return files
+
+
+def _write_messy_source(kind: str, root: Path, files: dict[str, bytes]) -> Path:
+    if kind == "folder":
+        root.mkdir()
+        for name, data in files.items():
+            (root / name).write_bytes(data)
+        return root
+    if kind == "zip":
+        path = root.with_suffix(".zip")
+        with zipfile.ZipFile(path, "w") as archive:
+            for name, data in files.items():
+                archive.writestr(name, data)
+        return path
+    import lmdb
+
+    path = root.with_suffix(".lmdb")
+    environment = lmdb.open(str(path), map_size=1 << 24)
+    names = sorted(files)
+    with environment.begin(write=True) as transaction:
+        for index, name in enumerate(names):
+            transaction.put(f"{index:07d}".encode(), files[name])
+        transaction.put(b"length", str(len(names)).encode())
+        transaction.put(b"names", json.dumps(names).encode())
+    environment.close()
+    return path
+
+
+@pytest.mark.parametrize("kind", ["folder", "zip", "lmdb"])
+def test_training_set_skips_unreadable_and_too_small_images(tmp_path, kind):
+    from patchdiffusion.data import open_training_set
+
+    files = _messy_images(np.random.default_rng(5))
+    spec = _write_messy_source(kind, tmp_path / "messy", files)
+    run = tmp_path / "run"
+    dataset, report = open_training_set(spec, (16, 16), run_dir=run)
+
+    good = sorted(name for name in files if name.startswith("img"))
+    assert len(dataset) == report.used == 26 and report.images_in_source == 30
+    skipped = dict(report.skipped)
+    assert sorted(skipped) == ["bad_empty.png", "cut.png", "dot.png", "small.png"]
+    assert "truncated" in skipped["cut.png"] and "too small" in skipped["dot.png"]
+    assert "too small" in skipped["small.png"] and "enlarged" in skipped["small.png"]
+    # Index i is the i-th usable image in source order, pixel for pixel.
+    for i in (0, 7, 25):
+        expected = np.asarray(Image.open(io.BytesIO(files[good[i]])).convert("RGB"))
+        assert dataset.source.name_of(i) == good[i]
+        image, label = dataset[i]
+        assert label == -1
+        assert torch.equal(image, torch.from_numpy(expected.transpose(2, 0, 1).copy()).float() / 127.5 - 1)
+    line = report.summary()
+    assert "\n" not in line and "26 of 30 images usable" in line and "skipped 4" in line
+    assert "bad_empty.png" in line and "and 1 more" in line and str(run / "skipped_images.txt") in line
+    listed = (run / "skipped_images.txt").read_text().splitlines()
+    assert listed[0].startswith("# ") and sorted(row.split("\t")[0] for row in listed[2:]) == sorted(skipped)
+
+
+def test_training_set_resume_keeps_the_recorded_mapping(tmp_path):
+    """A resumed run uses the images the run started with, even after a bad file was fixed."""
+    from patchdiffusion.data import open_training_set
+
+    rng = np.random.default_rng(6)
+    spec = _write_messy_source("folder", tmp_path / "messy", _messy_images(rng))
+    run = tmp_path / "run"
+    first, _ = open_training_set(spec, 16, run_dir=run)
+    _save_png(spec / "bad_empty.png", _random_rgb(rng, 16, 16))  # fixed in the meantime
+    resumed, report = open_training_set(spec, 16, run_dir=run, resume=True)
+    assert report.from_index and "as when the run started" in report.summary()
+    assert len(resumed) == len(first) == 26
+    assert all(torch.equal(resumed[i][0], first[i][0]) for i in range(26))
+    fresh, _ = open_training_set(spec, 16, run_dir=tmp_path / "new-run")
+    assert len(fresh) == 27  # a new run scans again and takes the fixed file
+
+    _save_png(spec / "zz_new.png", _random_rgb(rng, 16, 16))
+    with pytest.raises(DataError, match="holds 31 images, but 30 when this run started"):
+        open_training_set(spec, 16, run_dir=run, resume=True)
+
+
+def test_training_set_scan_does_not_depend_on_threads(tmp_path):
+    from patchdiffusion.data import open_training_set
+
+    spec = _write_messy_source("zip", tmp_path / "messy", _messy_images(np.random.default_rng(7), good=40))
+    _, serial = open_training_set(spec, 16, workers=1)
+    _, threaded = open_training_set(spec, 16, workers=3)
+    assert serial.skipped == threaded.skipped and serial.used == threaded.used == 40
+
+
+def test_training_set_builtin_is_as_before_and_writes_nothing(tmp_path):
+    from patchdiffusion.data import open_training_set
+
+    dataset, report = open_training_set("builtin:textures?count=8", (16, 16), run_dir=tmp_path / "run")
+    before = ImageDataset(open_source("builtin:textures?count=8", resolution=16), resolution=16)
+    assert len(dataset) == 8 and all(torch.equal(dataset[i][0], before[i][0]) for i in range(8))
+    assert report.summary() == "training set builtin:textures?count=8: 8 images (built-in, generated)"
+    assert not (tmp_path / "run").exists()
+
+
+def test_training_set_with_no_usable_image_is_one_error(tmp_path):
+    from patchdiffusion.data import open_training_set
+
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"")
+    _save_png(folder / "b.png", _random_rgb(np.random.default_rng(8), 4, 4))
+    with pytest.raises(DataError, match="no usable image .* all 2 skipped \\(a.png: .*b.png: too small"):
+        open_training_set(folder, 16)

@@ -143,3 +143,36 @@ def test_run_directory_needs_num(tmp_path, capsys):
     (run / "config.yaml").write_text("method: full\n")
     assert main(["eval", "--images", str(run), "--ref", "builtin:photos", "--metrics", "swd"]) == 2
     assert "--num" in error_line(capsys)
+
+
+def test_sample_folder_is_evaluated_without_its_grid(tmp_path, capsys):
+    """`patchdiff sample` writes grid.png beside the images; eval reads the images only and says so."""
+    from PIL import Image
+
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i:06d}.png")
+    Image.fromarray(rng.integers(0, 256, (18, 52, 3), dtype=np.uint8)).save(folder / "grid.png")
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--images", str(folder), "--metrics", "seam", "--tile", "8", "--json", str(out),
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "(3 images read, 16x16; skipped 1 grid file)" in printed
+    assert "read 3 images, skipped 1 grid file written by patchdiff sample (grid.png)" in printed
+    assert "seam@3" in printed
+    report = json.loads(out.read_text())
+    assert report["num_images"] == 3 and report["skipped_grid_files"] == 1
+
+
+def test_unpublished_inception_weights_are_a_warning_in_the_report(tmp_path, capsys, random_inception):
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--images", "builtin:photos?count=4", "--ref", "builtin:photos?count=4", "--metrics", "fid",
+                 "--resolution", "16", "--inception", str(random_inception), "--json", str(out),
+                 "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "WARNING: Inception weights" in captured.out and "NOT comparable with published figures" in captured.out
+    assert "patchdiff eval: WARNING: Inception weights" in captured.err
+    report = json.loads(out.read_text())
+    assert report["inception"]["published_as"] is None and len(report["inception"]["sha256"]) == 64

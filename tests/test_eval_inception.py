@@ -22,6 +22,9 @@ from patchdiffusion.eval import (
     missing_weights_message,
 )
 
+# Random weights are unpublished by nature: their warning is expected (and checked once, below).
+pytestmark = pytest.mark.filterwarnings("ignore::patchdiffusion.eval.detectors.UnverifiedInceptionWarning")
+
 # ------------------------------------------------------------------------------------------------
 # The published architecture (Szegedy et al. 2016, and the 2015-12-05 graph as ported by pytorch-fid),
 # written out layer by layer: (name, in channels, out channels, kernel (h, w)).
@@ -234,3 +237,122 @@ def test_weights_file_is_found_from_flag_environment_or_cache(tmp_path, monkeypa
     monkeypatch.setenv(ENV_VAR, str(tmp_path / "missing.pth"))
     with pytest.raises(EvalError, match=ENV_VAR):
         find_inception_file(None)
+
+
+# ------------------------------------------------------------------------------------------------
+# EDM's pickle through the restricted unpickler; sha256 of every accepted file.
+
+
+def persistence_pickle(monkeypatch, marker, state) -> bytes:
+    """A pickle shaped like dnnlib's persistence output: torch_utils.persistence._reconstruct_persistent_obj(meta),
+    whose meta carries Python source (here: code that would write `marker` if it were run) and the state."""
+    import sys
+    import types
+
+    package, module = types.ModuleType("torch_utils"), types.ModuleType("torch_utils.persistence")
+
+    def _reconstruct_persistent_obj(meta):
+        raise AssertionError("only used to be named in the pickle")
+
+    _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
+    _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
+    module._reconstruct_persistent_obj = _reconstruct_persistent_obj
+    monkeypatch.setitem(sys.modules, "torch_utils", package)
+    monkeypatch.setitem(sys.modules, "torch_utils.persistence", module)
+    meta = {
+        "type": "class", "version": 6, "class_name": "InceptionDetector", "state": state,
+        "module_src": f"open({str(marker)!r}, 'w').write('ran')\nclass InceptionDetector:\n    pass\n",
+    }
+
+    class Persistent:
+        def __reduce__(self):
+            return _reconstruct_persistent_obj, (meta,)
+
+    return pickle.dumps(Persistent(), protocol=2)
+
+
+@pytest.mark.parametrize("holds", ["torchscript", "archive bytes"])
+def test_edm_persistence_pickle_loads_without_running_its_source(tmp_path, monkeypatch, weights, holds):
+    _, files = weights
+    archive = files["torchscript"].read_bytes()
+    model = PickledTorchScript(archive) if holds == "torchscript" else archive
+    marker = tmp_path / "source-was-run"
+    path = tmp_path / "inception-2015-12-05.pkl"
+    path.write_bytes(persistence_pickle(monkeypatch, marker, {"model": model, "training": False}))
+    detector = load_inception(path, warn=False)
+    assert isinstance(detector, TorchScriptDetector) and "pickle" in detector.format
+    assert not marker.exists()
+    image = torch.randint(0, 256, (2, 3, 24, 24), dtype=torch.uint8)
+    expected = load_inception(files["torchscript"], warn=False)(image).features
+    torch.testing.assert_close(detector(image).features, expected)
+
+
+def test_persistence_pickle_without_torchscript_is_refused(tmp_path, monkeypatch):
+    marker = tmp_path / "source-was-run"
+    path = tmp_path / "inception-2015-12-05.pkl"
+    path.write_bytes(persistence_pickle(monkeypatch, marker, {"weights": [1.0, 2.0]}))
+    with pytest.raises(EvalError, match="Python class 'InceptionDetector' whose code is stored in the pickle"):
+        load_inception(path, warn=False)
+    assert not marker.exists()
+
+
+class RunsAShellCommand:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+class EvaluatesCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return eval, (f"open({str(self.marker)!r}, 'w')",)
+
+
+@pytest.mark.parametrize("payload", [RunsAShellCommand, EvaluatesCode])
+def test_pickle_naming_anything_else_is_refused_before_running_it(tmp_path, payload):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "inception-2015-12-05.pkl"
+    path.write_bytes(pickle.dumps({"detector": payload(marker)}))
+    with pytest.raises(EvalError, match="refused to load .* the pickle refers to .*(system|eval).*nothing was run"):
+        load_inception(path, warn=False)
+    assert not marker.exists()
+
+
+def test_unpublished_weights_load_with_a_loud_warning(weights):
+    from patchdiffusion.eval.detectors import UnverifiedInceptionWarning, _file_sha256
+
+    _, files = weights
+    for kind in ("state_dict", "safetensors", "torchscript", "pickle"):
+        with pytest.warns(UnverifiedInceptionWarning, match="NOT comparable with published figures"):
+            detector = load_inception(files[kind])
+        assert detector.published_as is None and detector.sha256 == _file_sha256(files[kind])
+        assert detector.warning.startswith("WARNING: Inception weights") and detector.sha256[:16] in detector.warning
+
+
+def test_a_file_with_a_published_sha256_loads_quietly(weights, monkeypatch):
+    import warnings
+
+    from patchdiffusion.eval import detectors
+
+    _, files = weights
+    digest = detectors._file_sha256(files["legacy"])
+    monkeypatch.setitem(detectors.PUBLISHED_SHA256, digest, "pytorch-fid pt_inception-2015-12-05-6726825d.pth")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", detectors.UnverifiedInceptionWarning)
+        detector = load_inception(files["legacy"])
+    assert detector.published_as == "pytorch-fid pt_inception-2015-12-05-6726825d.pth" and detector.warning is None
+
+
+def test_published_digest_agrees_with_the_file_name():
+    """torch.hub names a file after the start of its sha256: pt_inception-2015-12-05-6726825d.pth."""
+    from patchdiffusion.eval.detectors import PUBLISHED_SHA256
+
+    names = {name: digest for digest, name in PUBLISHED_SHA256.items()}
+    digest = names["pytorch-fid pt_inception-2015-12-05-6726825d.pth"]
+    assert len(digest) == 64 and digest.startswith("6726825d")

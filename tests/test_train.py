@@ -206,3 +206,85 @@ def test_in_training_swd_is_logged_and_plotted(tmp_path):
     assert [r["step"] for r in swd_rows] == [1, 2]
     assert all(math.isfinite(r["swd"]) and r["swd"] > 0 for r in swd_rows)
     assert (tmp_path / "loss.png").is_file()
+
+
+def test_kill_9_soak_resumes_bit_exact(tmp_path):
+    """SIGKILL at 3 random moments (one inside a checkpoint write), --resume each time: the final net and
+    EMA equal an uninterrupted run bit for bit, and no temporary checkpoint folder is left behind."""
+    import random
+    import signal
+    import time
+
+    cli = [sys.executable, "-m", "patchdiffusion.cli", "train", "--no-progress"]
+    args = [
+        "--data", "builtin:textures?count=16", "--resolution", "16", "--batch", "4", "--device", "cpu",
+        "--steps", "16", "model.net.model_channels=8", "model.net.channel_mult=[1,2]", "model.net.num_res_blocks=1",
+        "model.net.attention_resolutions=[8]", "model.net.head_channels=8", "model.net.dropout=0.1",
+        "train.checkpoint_every=4", "train.log_every=1", "train.warmup_steps=2", "train.sample_images=0",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop(runs.PAUSE_ENV, None)
+    reference_dir, soak_dir = tmp_path / "uninterrupted", tmp_path / "killed"
+    reference = subprocess.Popen(cli + ["--run", str(reference_dir)] + args, env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def rows() -> list[dict]:
+        return runs.read_metrics(soak_dir)
+
+    def resumed_step() -> int:
+        done = runs.newest_verified_checkpoint(soak_dir, log=None)
+        return done.step if done else 0
+
+    def wait_for(condition, process, what):
+        deadline = time.monotonic() + 60
+        while not condition():
+            assert process.poll() is None, f"training ended before {what}"
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.005)
+
+    rng = random.Random(17)
+    pause_point = rng.choice(runs.PAUSE_POINTS)
+    moments = ["steps", "steps", "checkpoint"]
+    rng.shuffle(moments)
+    resume = []
+    processes = []
+    try:
+        for moment in moments:
+            log = tmp_path / f"segment-{len(processes)}.err"
+            segment_env = dict(env)
+            start, begin = len(rows()), resumed_step()
+            if moment == "checkpoint":
+                # Pause inside the writer of the next checkpoint this segment reaches, then kill it there.
+                segment_env[runs.PAUSE_ENV] = f"{pause_point}:{(begin // 4 + 1) * 4}"
+            with open(log, "w") as err:
+                process = subprocess.Popen(cli + ["--run", str(soak_dir)] + resume + ([] if resume else args),
+                                           env=segment_env, stdout=subprocess.DEVNULL, stderr=err)
+            processes.append(process)
+            if moment == "checkpoint":
+                wait_for(lambda: "checkpoint writer paused" in log.read_text(), process, f"a pause at {pause_point}")
+            else:
+                # A random step a little past the next checkpoint, so that most kills follow some progress,
+                # and short of the last step, so that the process is still running when it comes.
+                target = min(begin + rng.randint(3, 7), 13)
+                wait_for(lambda: len(rows()) > start and rows()[-1]["step"] >= target, process, f"step {target}")
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            assert process.returncode == -signal.SIGKILL
+            temp = [p.name for p in runs.checkpoint_dir(soak_dir).glob(".tmp-step-*")]
+            where = "a step" if moment == "steps" else f"checkpoint writer point {pause_point}"
+            print(f"killed at {where}: resumed at step {begin}, logged up to {rows()[-1]['step']}, temp {temp}")
+            resume = ["--resume"]
+        final = subprocess.run(cli + ["--run", str(soak_dir), "--resume"], env=env, capture_output=True, text=True)
+        assert final.returncode == 0, final.stderr[-2000:]
+        assert "resumed from" in final.stdout
+        assert reference.wait(timeout=120) == 0, reference.stderr.read()[-2000:]
+    finally:
+        for process in processes + [reference]:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert_same(weights(reference_dir, "net"), weights(soak_dir, "net"))
+    assert_same(weights(reference_dir, "ema"), weights(soak_dir, "ema"))
+    assert runs.latest_checkpoint(soak_dir).step == 16
+    leftovers = [p.name for p in runs.checkpoint_dir(soak_dir).iterdir() if p.name.startswith(".")]
+    assert leftovers == []

@@ -13,6 +13,7 @@ Modules, one job each:
     builtin.py     BuiltinSource: offline sets from scikit-image / scikit-learn pictures
     writers.py     streaming zip / LMDB / folder writers and staged (temp + rename) output
     convert.py     convert_dataset and its ConvertSummary
+    training_set.py  open_training_set: the training loop's dataset, bad images skipped and listed
     dataset.py     ImageDataset (torch) and hflip
 Sizes are (width, height) throughout this package, as in PIL; arrays are (H, W, 3) uint8.
 """
@@ -23,7 +24,8 @@ from .convert import ConvertSummary, convert_dataset
 from .dataset import ImageDataset, hflip
 from .errors import DataError, UnreadableImageError
 from .sources import FolderSource, LmdbSource, ZipSource, open_source
-from .transforms import TRANSFORMS, apply_transform, center_crop_resize, parse_resolution, resize, to_rgb_uint8
+from .training_set import SubsetSource, TrainingSetReport, open_training_set
+from .transforms import TRANSFORMS, apply_transform, center_crop_resize, width_height, resize, to_rgb_uint8
 
 __all__ = [
     "BUILTIN_SETS",
@@ -37,6 +39,8 @@ __all__ = [
     "ImageDataset",
     "ImageSource",
     "LmdbSource",
+    "SubsetSource",
+    "TrainingSetReport",
     "UnreadableImageError",
     "ZipSource",
     "apply_transform",
@@ -45,7 +49,8 @@ __all__ = [
     "decode_image",
     "hflip",
     "open_source",
-    "parse_resolution",
+    "open_training_set",
+    "width_height",
     "resize",
     "to_rgb_uint8",
 ]

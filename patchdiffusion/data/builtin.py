@@ -25,7 +25,7 @@ from PIL import Image
 
 from .base import DecodedImage
 from .errors import DataError
-from .transforms import crop_resize, parse_resolution, to_rgb_uint8
+from .transforms import crop_resize, width_height, to_rgb_uint8
 
 BUILTIN_SETS = ("textures", "photos", "digits")
 DEFAULT_RESOLUTION = 64
@@ -80,7 +80,7 @@ class BuiltinSource:
         if name not in BUILTIN_SETS:
             raise DataError(f"built-in set {name!r} is unknown; choose one of {', '.join(BUILTIN_SETS)}")
         self.set_name = name
-        self.width, self.height = parse_resolution(resolution)
+        self.width, self.height = width_height(resolution)
         self.count = DEFAULT_COUNTS[name] if count is None else int(count)
         self.seed = int(seed)
         if self.count < 1:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from .base import DecodedImage, ImageSource
 from .errors import DataError, UnreadableImageError
 from .sources import open_source
-from .transforms import apply_transform, check_transform, parse_resolution, to_rgb_uint8, would_upscale
+from .transforms import apply_transform, check_transform, width_height, to_rgb_uint8, would_upscale
 from .writers import StagedOutput, open_writer
 
 
@@ -81,7 +81,7 @@ def convert_dataset(
     and counted in `converted_modes`. Raises DataError when nothing could be written.
     """
     check_transform(transform)
-    target = None if resolution is None else parse_resolution(resolution)
+    target = None if resolution is None else width_height(resolution)
     dest_path = Path(dest)
     opened_here = isinstance(source, (str, os.PathLike))
     if opened_here:

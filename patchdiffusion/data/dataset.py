@@ -8,7 +8,7 @@ from torch.utils.data import Dataset
 
 from .base import ImageSource
 from .errors import DataError
-from .transforms import apply_transform, check_transform, parse_resolution
+from .transforms import apply_transform, check_transform, width_height
 
 
 class ImageDataset(Dataset):
@@ -32,7 +32,7 @@ class ImageDataset(Dataset):
     ):
         check_transform(transform)
         self.source = source
-        self.width, self.height = parse_resolution(resolution)
+        self.width, self.height = width_height(resolution)
         self.transform = transform
         self.use_labels = use_labels
         self._num_classes: int | None = None

@@ -6,8 +6,10 @@ an image) surfaces as a `DataError`, so the CLI can print one clear sentence ins
 
 from __future__ import annotations
 
+from patchdiffusion.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError):
     """A data set, path or spec that cannot be used; the message says what was given and what is accepted."""
 
 

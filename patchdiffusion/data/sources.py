@@ -22,7 +22,7 @@ from . import formats
 from .base import DecodedImage, ImageSource, decode_image
 from .builtin import BUILTIN_SETS, BuiltinSource
 from .errors import DataError
-from .transforms import parse_resolution
+from .transforms import width_height
 
 Handle = TypeVar("Handle")
 
@@ -417,7 +417,7 @@ def _open_builtin(spec: str, resolution: int | str | tuple[int, int] | None) -> 
             if key in ("count", "seed"):
                 options[key] = int(value)
             elif key == "resolution":
-                options[key] = parse_resolution(value)
+                options[key] = width_height(value)
             else:
                 raise DataError(f"option {key!r} in spec {spec!r} is unknown; use count, seed or resolution")
         except ValueError as error:
@@ -425,5 +425,5 @@ def _open_builtin(spec: str, resolution: int | str | tuple[int, int] | None) -> 
                 raise
             raise DataError(f"option {key}={value!r} in spec {spec!r} is not an integer") from None
     if resolution is not None and "resolution" not in options:
-        options["resolution"] = parse_resolution(resolution)
+        options["resolution"] = width_height(resolution)
     return BuiltinSource(name, **options)

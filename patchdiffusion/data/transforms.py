@@ -13,6 +13,9 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from patchdiffusion.config import parse_size
+from patchdiffusion.errors import ConfigError
+
 from .errors import DataError
 
 # Modes whose pixels PIL stores as 16-bit unsigned integers.
@@ -21,25 +24,17 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
 
-def parse_resolution(value: int | str | tuple[int, int] | list[int]) -> tuple[int, int]:
-    """Read a resolution as (width, height): 64 -> (64, 64), "64x32" -> (64, 32), (64, 32) -> (64, 32)."""
+def width_height(value: int | str | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """A size in the data layer's (width, height) order, PIL's: 64 -> (64, 64), "64x32" (WxH) -> (64, 32),
+    and a pair is taken as (width, height). Text is read by the project's one size parser, `config.parse_size`."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise DataError(f"resolution {value!r} is not understood; give N, 'WxH' or (W, H)")
+        value = (value[1], value[0])  # parse_size takes a pair as (height, width)
     try:
-        if isinstance(value, (tuple, list)):
-            width, height = (int(v) for v in value)
-        elif isinstance(value, int):
-            width = height = value
-        else:
-            parts = str(value).lower().replace("×", "x").split("x")
-            if len(parts) == 1:
-                width = height = int(parts[0])
-            elif len(parts) == 2:
-                width, height = int(parts[0]), int(parts[1])
-            else:
-                raise ValueError
-    except (TypeError, ValueError):
+        height, width = parse_size(value)
+    except ConfigError:
         raise DataError(f"resolution {value!r} is not understood; give N, 'WxH' or (W, H)") from None
-    if width < 1 or height < 1:
-        raise DataError(f"resolution {value!r} must be positive")
     return width, height
 
 

@@ -7,7 +7,7 @@
 
 Modules, one job each:
     inception.py          the 2015-12-05 Inception-v3 graph in plain torch (pytorch-fid's key layout)
-    detectors.py          weights files (pytorch-fid state dict, TorchScript, EDM pickle) and their pipelines
+    detectors.py          weights files (pytorch-fid state dict, TorchScript, EDM pickle), their pipelines, sha256
     features.py           batched feature extraction on CPU or CUDA
     frechet.py            Gaussian statistics and the Fréchet distance (FID)
     kid.py                Kernel Inception Distance (unbiased MMD², polynomial kernel, subsets)
@@ -25,9 +25,11 @@ Modules, one job each:
 from .detectors import (
     ENV_VAR,
     InceptionDetector,
+    PUBLISHED_SHA256,
     InceptionOutputs,
     PytorchFIDDetector,
     TorchScriptDetector,
+    UnverifiedInceptionWarning,
     find_inception_file,
     load_inception,
     missing_weights_message,
@@ -50,6 +52,7 @@ __all__ = [
     "FEATURE_DIM",
     "METRICS",
     "NUM_CLASSES",
+    "PUBLISHED_SHA256",
     "EvalError",
     "EvalOptions",
     "EvalReport",
@@ -68,6 +71,7 @@ __all__ = [
     "SWDResult",
     "SeamScore",
     "TorchScriptDetector",
+    "UnverifiedInceptionWarning",
     "build_inception",
     "evaluate",
     "extract_features",

@@ -8,7 +8,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+
+from patchdiffusion.config import number_arg, seed_int
 
 from .errors import EvalError
 from .evaluate import DEFAULT_SWD_MAX_IMAGES
@@ -28,9 +31,9 @@ examples:
 
 def _size(text: str) -> tuple[int, int]:
     """'64' or 'WxH' -> (W, H), as the data layer reads sizes."""
-    from patchdiffusion.data import parse_resolution
+    from patchdiffusion.data import width_height
 
-    return parse_resolution(text)
+    return width_height(text)
 
 
 def _height_width(text: str, what: str, minimum: int) -> tuple[int, int]:
@@ -49,13 +52,13 @@ def _height_width(text: str, what: str, minimum: int) -> tuple[int, int]:
 def _common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inception",
                         help="Inception weights file (default: $PATCHDIFF_INCEPTION or ~/.cache/patchdiffusion/)")
-    parser.add_argument("--batch", type=int, default=64, help="images per Inception batch (default 64)")
+    parser.add_argument("--batch", type=number_arg(int, minimum=1, maximum=1e5), default=64, help="images per Inception batch (default 64)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     parser.add_argument("--resolution", help="bring every image to N or WxH (default: the evaluated images' size)")
     parser.add_argument("--transform", default="center-crop", choices=["center-crop", "resize"],
                         help="how images of another size are fitted (default center-crop)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of subsets, generation, KID subsets, SWD patches")
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader processes decoding images (default 0)")
+    parser.add_argument("--seed", type=seed_int, default=0, help="seed of subsets, generation, KID subsets, SWD patches")
+    parser.add_argument("--workers", type=number_arg(int, minimum=0, maximum=256), default=0, help="DataLoader processes decoding images (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -70,16 +73,16 @@ def register(sub) -> None:
     parser.add_argument("--ref", help="reference: a data set (folder, .zip, .lmdb, builtin:NAME) or REF.npz")
     parser.add_argument("--metrics", default="fid,kid,is,pr,swd",
                         help="comma-separated: fid, kid, is, pr, swd, seam, all (default fid,kid,is,pr,swd)")
-    parser.add_argument("--num", type=int, help="images to evaluate (a seeded subset), or to generate from a run")
-    parser.add_argument("--ref-num", type=int, help="reference images to use (a seeded subset; default all)")
+    parser.add_argument("--num", type=number_arg(int, minimum=1, maximum=1e9), help="images to evaluate (a seeded subset), or to generate from a run")
+    parser.add_argument("--ref-num", type=number_arg(int, minimum=1, maximum=1e9), help="reference images to use (a seeded subset; default all)")
     parser.add_argument("--tile", help="seam score tile size: N or HxW (pixels)")
     parser.add_argument("--tile-offset", default="0", help="position of the first tile boundary: N or HxW (default 0)")
-    parser.add_argument("--swd-images", type=int, default=DEFAULT_SWD_MAX_IMAGES,
+    parser.add_argument("--swd-images", type=number_arg(int, minimum=2, maximum=1e9), default=DEFAULT_SWD_MAX_IMAGES,
                         help=f"SWD uses at most this many images per set (default {DEFAULT_SWD_MAX_IMAGES})")
     parser.add_argument("--json", help="write results here (default: RUN/eval.json for a run, else eval.json)")
     parser.add_argument("--samples", help="for a run: keep the generated images in this folder (default: temporary)")
     parser.add_argument("--sampler", help="for a run: sampler (default: the method's)")
-    parser.add_argument("--steps", type=int, help="for a run: sampling steps (default: the method's)")
+    parser.add_argument("--steps", type=number_arg(int, minimum=1, maximum=1e6), help="for a run: sampling steps (default: the method's)")
     parser.add_argument("--no-ema", action="store_true", help="for a run: sample the raw weights instead of the EMA")
     _common_options(parser)
     parser.set_defaults(func=cmd_eval, eval_parser=parser)
@@ -92,7 +95,7 @@ def register(sub) -> None:
     )
     ref.add_argument("--data", required=True, help="folder, .zip, .lmdb or builtin:NAME")
     ref.add_argument("--dest", required=True, help="output .npz")
-    ref.add_argument("--num", type=int, help="use a seeded subset of this many images (default all)")
+    ref.add_argument("--num", type=number_arg(int, minimum=1, maximum=1e9), help="use a seeded subset of this many images (default all)")
     ref.add_argument("--stats-only", action="store_true",
                      help="store mu and sigma only (enough for FID; not for KID or precision/recall)")
     _common_options(ref)
@@ -117,6 +120,9 @@ def cmd_eval(args, extra: list[str]) -> int:
     )
     report = evaluate(args.images, args.ref, options)
     print(report.table())
+    for note in report.notes:
+        if note.startswith("WARNING"):  # also on stderr, where it is not lost in a redirected table
+            print(f"patchdiff eval: {note}", file=sys.stderr)
     if args.json:
         destination = Path(args.json)
     elif is_run_directory(args.images):
@@ -137,6 +143,9 @@ def cmd_eval_ref(args, extra: list[str]) -> int:
         keep_features=not args.stats_only, workers=args.workers, progress=not args.no_progress,
     )
     print(f"Inception pipeline: {detector.pipeline}")
+    if detector.warning:
+        print(detector.warning)
+        print(f"patchdiff eval ref: {detector.warning}", file=sys.stderr)
     print(f"wrote statistics of {count} images from {args.data} to {path}")
     return 0
 

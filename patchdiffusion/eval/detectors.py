@@ -13,8 +13,14 @@ $XDG_CACHE_HOME/patchdiffusion/) with one of its published names. Three formats 
                           return_features=False, ...) -> (B, 2048) features or (B, 1008) softmax.
                           The uint8 images go in as they are: the detector resizes and normalises
                           internally, which is what EDM's fid.py and StyleGAN's metrics rely on.
-  EDM/StyleGAN3 pickle    inception-2015-12-05.pkl: a pickle of that same TorchScript detector.
-                          Unpickling runs code named in the file; only use files from a source you trust.
+  EDM/StyleGAN3 pickle    inception-2015-12-05.pkl: that same TorchScript detector inside a pickle (written
+                          through dnnlib's `persistence`). Read with a restricted unpickler (`_RestrictedUnpickler`):
+                          only the names such a file needs resolve, the Python source a persistence record
+                          carries is never run, and anything else is refused with one line.
+
+Every file is checked against the sha256 published for it (`PUBLISHED_SHA256`); one that matches none
+is loaded with a loud warning (`UnverifiedInceptionWarning`, and a WARNING line in the eval report) that
+its figures are not comparable with published FIDs.
 
 Both kinds of detector return the 2048-d pool3 features and, when asked, the 1008-way class
 probabilities for the Inception Score, softmax of the logits *without* the output bias (as the
@@ -23,8 +29,13 @@ original IS code and StyleGAN's `no_output_bias=True`).
 
 from __future__ import annotations
 
+import codecs
+import collections
+import hashlib
+import io
 import os
 import pickle
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +55,25 @@ KNOWN_FILE_NAMES = (
     "inception-2015-12-05.pt",
     "pt_inception-2015-12-05.safetensors",
 )
+
+# sha256 of the Inception weights files as published, -> what the file is. Only files listed here give
+# figures comparable with published FIDs; any other file (a conversion, random weights) loads with a warning.
+#   pytorch-fid's port (github.com/mseitzer/pytorch-fid, release "fid_weights"): the name's "6726825d" is the
+#   start of this digest (torch.hub's naming rule); the full digest is listed beside that URL in
+#   qiuyu96/Carver models/inception_model.py (_MODEL_URL_SHA256), and several projects record the same digest
+#   for torch-fidelity's copy, weights-inception-2015-12-05-6726825d.pth.
+# Not listed, because no published sha256 could be found: EDM/StyleGAN3's inception-2015-12-05.pkl (NVIDIA NGC),
+# StyleGAN2-ADA's TorchScript inception-2015-12-05.pt, and .safetensors conversions (ours to make, so
+# never published). Such files load, always with the warning; add their digests here once published.
+PUBLISHED_SHA256 = {
+    "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2":
+        "pytorch-fid pt_inception-2015-12-05-6726825d.pth",
+}
+
+
+class UnverifiedInceptionWarning(UserWarning):
+    """The Inception weights file is not one whose sha256 was published: FIDs are not comparable."""
+
 
 PIPELINE_PYTORCH_FID = (
     "pytorch-fid (uint8 RGB -> /255 -> bilinear resize to 299x299 with torch interpolate, align_corners=False, "
@@ -99,6 +129,9 @@ class InceptionDetector(Protocol):
     path: Path  # the weights file
     format: str  # what the file was recognised as
     pipeline: str  # the reference tool whose input pipeline this matches, and the steps
+    sha256: str | None  # of the weights file (None for in-memory detectors)
+    published_as: str | None  # the published file it is, by sha256; None when it matches none
+    warning: str | None  # why its figures are not comparable with published ones, or None
 
     def to(self, device: torch.device) -> "InceptionDetector": ...
 
@@ -112,6 +145,7 @@ class PytorchFIDDetector:
 
     format = "pytorch-fid state dict (pt_inception-2015-12-05)"
     pipeline = PIPELINE_PYTORCH_FID
+    sha256 = published_as = warning = None  # set by load_inception from the file
 
     def __init__(self, net: InceptionV3, path: Path, channels_last: bool = True):
         self.net = net.eval().requires_grad_(False)
@@ -141,6 +175,7 @@ class TorchScriptDetector:
     """A TorchScript (or pickled) detector with EDM / StyleGAN3's interface."""
 
     pipeline = PIPELINE_TORCHSCRIPT
+    sha256 = published_as = warning = None  # set by load_inception from the file
 
     def __init__(self, module: torch.nn.Module, path: Path, format: str):
         self.module = module.eval()
@@ -179,15 +214,54 @@ def _check_width(output: torch.Tensor, width: int, path: Path, what: str) -> Non
 # Loading
 
 
-def load_inception(path: str | os.PathLike, channels_last: bool = True) -> InceptionDetector:
-    """Recognise and load a weights file (see the module docstring for the accepted formats)."""
+def load_inception(path: str | os.PathLike, channels_last: bool = True, warn: bool = True) -> InceptionDetector:
+    """Recognise and load a weights file (see the module docstring for the accepted formats).
+
+    The file's sha256 is compared with the published ones: `detector.published_as` names the match, and
+    without one `detector.warning` says the figures are not comparable (also raised as an
+    UnverifiedInceptionWarning when `warn`).
+    """
     path = Path(path)
     if not path.is_file():
         raise EvalError(f"Inception weights file '{path}' does not exist")
+    detector = _load_detector_file(path, channels_last)
+    digest = _file_sha256(path)
+    detector.sha256 = digest
+    detector.published_as = PUBLISHED_SHA256.get(digest)
+    detector.warning = None if detector.published_as else unverified_weights_message(path, digest)
+    if detector.warning and warn:
+        warnings.warn(detector.warning, UnverifiedInceptionWarning, stacklevel=2)
+    return detector
+
+
+def unverified_weights_message(path: Path, digest: str) -> str:
+    """The warning for a weights file whose sha256 matches no published file."""
+    if path.suffix in (".pkl", ".pt", ".safetensors"):
+        why = (f"no sha256 has been published for {path.suffix} Inception files, so this one cannot be checked; "
+               "only pytorch-fid's pt_inception-2015-12-05-6726825d.pth can be")
+    else:
+        why = "it is not pytorch-fid's published pt_inception-2015-12-05-6726825d.pth (nor another published file)"
+    return (f"WARNING: Inception weights '{path}' have sha256 {digest[:16]}..., which matches no published file "
+            f"({why}): FID, KID, IS and precision/recall from them are NOT comparable with published figures")
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _load_detector_file(path: Path, channels_last: bool) -> InceptionDetector:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return _from_state_dict(load_file(str(path)), path, channels_last)
+        try:
+            state = load_file(str(path))
+        except Exception as error:  # SafetensorError for truncated or foreign files
+            raise EvalError(f"cannot read '{path}' as safetensors Inception weights ({str(error)[:200]})") from None
+        return _from_state_dict(state, path, channels_last)
     if path.suffix == ".pkl":
         return _from_pickle(path, channels_last)
     if _is_torchscript_archive(path):
@@ -212,21 +286,121 @@ def _is_torchscript_archive(path: Path) -> bool:
         return any("/code/" in name or name.endswith("constants.pkl") for name in archive.namelist())
 
 
+# ------------------------------------------------------------------------------------------------
+# EDM's pickle, read without running anything it names
+#
+# EDM (and StyleGAN3) load the detector with a plain `pickle.load` of inception-2015-12-05.pkl. The pickle
+# is written through dnnlib's `torch_utils.persistence`: the object is rebuilt by
+# `torch_utils.persistence._reconstruct_persistent_obj(meta)`, where `meta` carries the Python source of the
+# object's class (`module_src`, which a plain load executes), its name and its state; the state holds the
+# TorchScript detector, itself pickled as `torch.jit.load(io.BytesIO(archive bytes))`, or the archive bytes.
+# The restricted unpickler resolves only the names below. `_reconstruct_persistent_obj` is replaced by a
+# function that keeps `meta` as data, so the embedded source is never compiled, and the TorchScript
+# archive is loaded with torch.jit.load, which reads TorchScript (no Python) onto the CPU. Tensors use
+# torch's own rebuild functions, with storages read by torch.load(weights_only=True).
+
+
+class _PersistentRecord:
+    """A dnnlib persistence record, as data: the class name and state; its embedded source is not run."""
+
+    def __init__(self, meta):
+        if not isinstance(meta, dict):
+            raise pickle.UnpicklingError("a torch_utils.persistence record that is not a dict")
+        self.class_name = str(meta.get("class_name"))
+        self.state = meta.get("state")
+
+
+def _torchscript_from_buffer(buffer) -> torch.jit.ScriptModule:
+    return torch.jit.load(buffer, map_location="cpu")
+
+
+def _storage_from_bytes(data: bytes):
+    return torch.load(io.BytesIO(data), weights_only=True)
+
+
+_ALLOWED_GLOBALS = {
+    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _PersistentRecord,
+    ("torch.jit._serialization", "load"): _torchscript_from_buffer,
+    ("torch.jit", "load"): _torchscript_from_buffer,
+    ("_io", "BytesIO"): io.BytesIO,
+    ("io", "BytesIO"): io.BytesIO,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("dnnlib.util", "EasyDict"): dict,  # dnnlib's attribute dict; a plain dict carries the same data
+    ("_codecs", "encode"): codecs.encode,  # how protocol-2 pickles store bytes
+    ("builtins", "set"): set,
+    ("__builtin__", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("__builtin__", "frozenset"): frozenset,
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+    ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
+}
+
+
+class _Refused(pickle.UnpicklingError):
+    def __init__(self, module: str, name: str):
+        super().__init__(f"{module}.{name}")
+        self.qualified = f"{module}.{name}"
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise _Refused(module, name) from None
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("persistent ids are not used by Inception pickles")
+
+
+def _find_torchscript(value, depth: int = 0) -> torch.jit.ScriptModule | None:
+    """The TorchScript detector inside what the pickle held (a record's state, a dict, a list, archive bytes)."""
+    if depth > 6:
+        return None
+    if isinstance(value, torch.jit.ScriptModule):
+        return value
+    if isinstance(value, _PersistentRecord):
+        return _find_torchscript(value.state, depth + 1)
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            found = _find_torchscript(item, depth + 1)
+            if found is not None:
+                return found
+        return None
+    if isinstance(value, (bytes, bytearray)) and value[:4] == b"PK\x03\x04":
+        try:
+            return torch.jit.load(io.BytesIO(bytes(value)), map_location="cpu")
+        except Exception:
+            return None
+    return None
+
+
 def _from_pickle(path: Path, channels_last: bool) -> InceptionDetector:
+    hint = "use pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or StyleGAN2-ADA's TorchScript .pt) instead"
     try:
         with open(path, "rb") as file:
-            loaded = pickle.load(file)
-    except ModuleNotFoundError as error:
+            loaded = _RestrictedUnpickler(file).load()
+    except _Refused as refused:
         raise EvalError(
-            f"'{path}' is a pickle that needs the Python module '{error.name}' of the code that wrote it; "
-            "save the detector with torch.jit.save (TorchScript) or pass pytorch-fid's .pth instead"
+            f"refused to load '{path}': the pickle refers to {refused.qualified}, which is not among the few names "
+            f"an Inception detector pickle needs, and unpickling it could run code; nothing was run. {hint}"
         ) from None
     except Exception as error:
-        raise EvalError(f"cannot unpickle '{path}': {type(error).__name__}: {error}") from None
-    if isinstance(loaded, dict):
+        raise EvalError(f"cannot read '{path}' as an Inception pickle ({type(error).__name__}: "
+                        f"{str(error)[:200]}); {hint}") from None
+    if isinstance(loaded, dict) and loaded and all(isinstance(v, torch.Tensor) for v in loaded.values()):
         return _from_state_dict(loaded, path, channels_last)
-    if isinstance(loaded, torch.nn.Module) or isinstance(loaded, torch.jit.ScriptModule):
-        return TorchScriptDetector(loaded, path, "EDM/StyleGAN3 pickled detector")
+    module = _find_torchscript(loaded)
+    if module is not None:
+        return TorchScriptDetector(module, path, "EDM/StyleGAN3 pickled detector")
+    if isinstance(loaded, _PersistentRecord):
+        raise EvalError(
+            f"refused to load '{path}': it holds a Python class '{loaded.class_name}' whose code is stored in the "
+            f"pickle itself, and running code from a weights file is not done here; {hint}"
+        )
     raise EvalError(f"'{path}' holds a {type(loaded).__name__}, not an Inception detector or a state dict")
 
 

@@ -6,7 +6,7 @@ weights file, a reference that lacks what a metric needs, too few images for the
 
 from __future__ import annotations
 
-from patchdiffusion.config import ConfigError
+from patchdiffusion.errors import ConfigError
 
 
 class EvalError(ConfigError):

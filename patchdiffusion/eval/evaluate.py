@@ -93,7 +93,7 @@ class MetricResult:
 class EvalReport:
     images: str
     reference: str | None
-    num_images: int
+    num_images: int  # evaluated images read (or generated)
     num_reference: int | None  # None for a statistics file that does not record it
     size: tuple[int, int]  # (W, H)
     device: str
@@ -103,6 +103,7 @@ class EvalReport:
     skipped: dict[str, str]  # metric -> why it was not computed
     notes: list[str]
     seconds: float
+    skipped_grid_files: int = 0  # grid.png files of `patchdiff sample` found among --images and left out
 
     def value(self, key: str) -> float:
         """The value of a metric by key ("fid", "swd", "precision", ...)."""
@@ -113,14 +114,17 @@ class EvalReport:
 
     def table(self) -> str:
         width, height = self.size
-        lines = [f"images:    {self.images} ({self.num_images} images, {width}x{height})"]
+        grids = ""
+        if self.skipped_grid_files:
+            grids = f"; skipped {self.skipped_grid_files} grid file{'s' if self.skipped_grid_files > 1 else ''}"
+        lines = [f"images:    {self.images} ({self.num_images} images read, {width}x{height}{grids})"]
         if self.reference is not None:
             count = f"{self.num_reference} images" if self.num_reference else "image count not recorded"
             lines.append(f"reference: {self.reference} ({count})")
         if self.inception:
             lines.append(f"Inception: {self.inception['path']} ({self.inception['format']})")
         lines += [f"{name} pipeline: {text}" for name, text in self.protocols.items()]
-        lines += [f"note: {note}" for note in self.notes]
+        lines += [note if note.startswith("WARNING") else f"note: {note}" for note in self.notes]
         if self.metrics:
             label_width = max(len(m.label) for m in self.metrics)
             lines.append("")
@@ -248,7 +252,7 @@ def _load_detector(metrics: tuple[str, ...], options: EvalOptions,
         for metric in wanted:
             skipped[metric] = "no Inception weights file"
         return None
-    return load_inception(path)
+    return load_inception(path, warn=False)  # an unverified file's warning goes into the report
 
 
 def evaluate(
@@ -272,10 +276,14 @@ def evaluate(
     detector = _load_detector(metrics, options, skipped)
     if skipped:
         notes.append(missing_weights_message())
+    if detector is not None and detector.warning:
+        notes.insert(0, detector.warning)
     with tempfile.TemporaryDirectory(prefix="patchdiff-eval-") as scratch:
         evaluated = _open_evaluated(str(images), options, scratch)
         notes += evaluated.notes
         reference = _open_reference(str(ref), evaluated.size, options) if ref is not None else None
+        if reference is not None and reference.images is not None:
+            notes += reference.images.notes
         results = _compute(metrics, evaluated, reference, detector, device, options, skipped, notes)
 
     count = len(evaluated)
@@ -286,7 +294,8 @@ def evaluate(
     protocols = {}
     computed = {metric.key for metric in results}
     if detector is not None:
-        inception = dict(path=str(detector.path), format=detector.format, pipeline=detector.pipeline)
+        inception = dict(path=str(detector.path), format=detector.format, pipeline=detector.pipeline,
+                         sha256=detector.sha256, published_as=detector.published_as)
         protocols["Inception"] = detector.pipeline
     if "swd" in computed:
         protocols["SWD"] = SWD_PROTOCOL
@@ -296,6 +305,7 @@ def evaluate(
         images=str(images), reference=None if ref is None else str(ref), num_images=count,
         num_reference=num_reference, size=evaluated.size, device=str(device), inception=inception,
         protocols=protocols, metrics=results, skipped=skipped, notes=notes, seconds=time.perf_counter() - started,
+        skipped_grid_files=len(evaluated.skipped_grids),
     )
 
 
@@ -427,7 +437,7 @@ def make_reference(
     path = find_inception_file(inception)
     if path is None:
         raise EvalError(missing_weights_message())
-    detector = load_inception(path)
+    detector = load_inception(path, warn=False)  # the caller reports detector.warning
     images = open_image_set(data, size, num, seed, transform)
     collector = FeatureCollector(detector, resolve_device(device))
     options = EvalOptions(batch_size=batch_size, workers=workers, progress=progress)

@@ -18,10 +18,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from patchdiffusion.data import ImageSource, decode_image, open_source
+from patchdiffusion.data import FolderSource, ImageSource, SubsetSource, decode_image, open_source
 from patchdiffusion.data.transforms import apply_transform, check_transform
 
 from .errors import EvalError
+
+# What `patchdiff sample` writes beside the images it generates (sample.generate_images): a contact sheet
+# of up to 64 of them. Counted as a sample it would add one image of another size and content.
+GRID_FILE_NAMES = ("grid.png",)
+
+
+def is_grid_file(name: str) -> bool:
+    """True for the grid image `patchdiff sample` writes into its output folder (at any depth of a folder)."""
+    return name.rsplit("/", 1)[-1].lower() in GRID_FILE_NAMES
 
 
 def is_run_directory(spec: str | os.PathLike) -> bool:
@@ -69,6 +78,7 @@ class ImageSet:
     size: tuple[int, int]  # (width, height) every image is brought to
     transform: str = "center-crop"  # how images of another size are fitted
     notes: list[str] = field(default_factory=list)
+    skipped_grids: list[str] = field(default_factory=list)  # sample's grid.png files left out of a folder
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -116,14 +126,31 @@ def open_image_set(
     seed: int = 0,
     transform: str = "center-crop",
 ) -> ImageSet:
-    """Images of a folder, .zip, .lmdb or builtin:NAME spec; `size` (W, H) defaults to the first image's."""
+    """Images of a folder, .zip, .lmdb or builtin:NAME spec; `size` (W, H) defaults to the first image's.
+
+    In a folder, the grid.png files `patchdiff sample` writes beside its images are not samples: they are
+    left out and counted in `skipped_grids` (and a note of the report).
+    """
     check_transform(transform)
     source = open_source(spec, resolution=size)
+    grids: list[str] = []
+    if isinstance(source, FolderSource):
+        keep = []
+        for index in range(len(source)):
+            (grids if is_grid_file(source.name_of(index)) else keep).append(index)
+        if grids:
+            grids = [source.name_of(index) for index in grids]
+            source = SubsetSource(source, keep)
     indices = choose_indices(len(source), num, seed, f"'{spec}'")
     if size is None:
         first = source.read(indices[0])
         size = (first.shape[1], first.shape[0])
-    return ImageSet(str(spec), source, indices, size, transform)
+    notes = []
+    if grids:
+        shown = ", ".join(grids[:3]) + (f" and {len(grids) - 3} more" if len(grids) > 3 else "")
+        notes.append(f"'{spec}': read {len(source)} images, skipped {len(grids)} grid "
+                     f"file{'s' if len(grids) > 1 else ''} written by patchdiff sample ({shown})")
+    return ImageSet(str(spec), source, indices, size, transform, notes=notes, skipped_grids=grids)
 
 
 def generate_image_set(

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from patchdiffusion.config import parse_size
+from patchdiffusion.config import number_arg, parse_size, size_arg
 from patchdiffusion.methods.base import Command
 
 
@@ -14,8 +14,8 @@ def _init_codes_arguments(p) -> None:
     p.add_argument("--data", required=True, help="the training data source (folder, .zip, .lmdb, builtin:NAME)")
     p.add_argument("--clip", required=True, help="local CLIPVisionModelWithProjection directory (save_pretrained)")
     p.add_argument("--out", required=True, help="output .safetensors (key 'codes', one row per image)")
-    p.add_argument("--resolution", help="the training resolution N or WxH the images are read at (as data.resolution)")
-    p.add_argument("--batch", type=int, default=128, help="images per CLIP batch (default 128, the reference's)")
+    p.add_argument("--resolution", type=size_arg, help="the training resolution N or WxH the images are read at (as data.resolution)")
+    p.add_argument("--batch", type=number_arg(int, minimum=1, maximum=1e5), default=128, help="images per CLIP batch (default 128, the reference's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
 
@@ -37,7 +37,7 @@ def _init_codes(args) -> int:
 def _train_codes_arguments(p) -> None:
     p.add_argument("--run", required=True, help="a patch_dm run directory; the model goes to RUN/codes_model/")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--num-eval", type=int, default=0, help="codes sampled for the Fréchet report (default max(2N, 256))")
+    p.add_argument("--num-eval", type=number_arg(int, minimum=0, maximum=1e7), default=0, help="codes sampled for the Fréchet report (default max(2N, 256))")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", help="latent code model settings as key=value (e.g. steps=3000 lr=1e-3)")
 
