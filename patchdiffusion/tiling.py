@@ -196,7 +196,7 @@ def sample_canvas(method, net, height: int, width: int, *, seed: int, code: torc
                       own_left + dx - tile.col * p:own_right + dx - tile.col * p]
             x0 = method.x0_from_output(x, sigma, out).clamp(-1, 1)  # clip_denoised, after guidance
 
-            def noise_fn(like, box=(own_top, own_bottom, own_left, own_right), step=i):
+            def noise_fn(like, _sampler_step=None, box=(own_top, own_bottom, own_left, own_right), step=i):
                 b_top, b_bottom, b_left, b_right = box  # noise of the canvas patches under the box, cropped to it
                 rows, cols = range(b_top // p, -(-b_bottom // p)), range(b_left // p, -(-b_right // p))
                 z = patch_noise(seed, _STEP_STREAM, step, rows, cols, p, C)
