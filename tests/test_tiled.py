@@ -41,7 +41,8 @@ class ConvTiles:
     def __init__(self, tile=(16, 24), halo: int = 0, learned_variance: bool = False, classes: int = 0):
         generator = torch.Generator().manual_seed(0)
         self.tile, self.halo, self.learned_variance = tile, halo, learned_variance
-        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 6 if learned_variance else 3, 3, padding=1))
+        out = 6 if learned_variance else 3
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, out, 3, padding=1))
         for p in self.net.parameters():
             p.data = torch.randn(p.shape, generator=generator) * 0.3
         self.embedding = torch.randn(max(classes, 1), 3, 1, 1, generator=generator) * 0.1
@@ -258,7 +259,8 @@ def test_conditioning_is_indexed_per_tile_and_progress_is_reported():
     assert sum(counts) == 2 * per_canvas == tiled.tiles_done and max(counts) == 5
     # Each canvas gets its own label: the same as tiling the two canvases one at a time.
     for b in range(2):
-        alone = TiledDenoiser(model, TilingConfig(overlap=(4, 6), batch=5))(x[b:b + 1], 1.0, class_labels=labels[b:b + 1])
+        alone = TiledDenoiser(model, TilingConfig(overlap=(4, 6), batch=5))
+        alone = alone(x[b:b + 1], 1.0, class_labels=labels[b:b + 1])
         torch.testing.assert_close(out[b:b + 1], alone, rtol=1e-6, atol=1e-6)
 
 

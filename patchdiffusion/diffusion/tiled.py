@@ -52,6 +52,8 @@ __all__ = [
     "plan_axis",
     "check_tiling",
     "read_window",
+    "add_tile",
+    "TensorReader",
 ]
 
 WINDOWS = ("uniform", "linear", "cosine", "gaussian")
@@ -123,7 +125,8 @@ def resolve_tiling(config: TilingConfig, model_tile) -> tuple[tuple[int, int], t
         raise TilingError(f"tile must be positive, got {tile[0]}x{tile[1]} (h x w)")
     for axis, t, o in (("height", tile[0], overlap[0]), ("width", tile[1], overlap[1])):
         if not 0 <= o < t:
-            raise TilingError(f"overlap must be in [0, tile) on each axis; the tile's {axis} is {t} but the overlap is {o}")
+            raise TilingError(f"overlap must be in [0, tile) on each axis; the tile's {axis} is {t}, "
+                              f"the overlap {o}")
     if config.window not in WINDOWS:
         raise TilingError(f"window must be one of {', '.join(WINDOWS)}, got {config.window!r}")
     if config.grid not in GRIDS:
@@ -316,7 +319,9 @@ class RegionAccumulator(Protocol):
         """The accumulated canvas (the same kind of array as the denoiser's input)."""
 
 
-class _TensorReader:
+class TensorReader:
+    """Regions of a tensor canvas (B, C, H, W)."""
+
     def __init__(self, x: torch.Tensor):
         self.x = x
 
@@ -412,8 +417,8 @@ class TiledDenoiser:
             if len(self._plans) >= 16:
                 self._plans.clear()
             c = self.config
-            rows = plan_axis(canvas_hw[0], self.tile[0], self.overlap[0], self.halo, offset[0], c.grid, c.wrap, c.window)
-            cols = plan_axis(canvas_hw[1], self.tile[1], self.overlap[1], self.halo, offset[1], c.grid, c.wrap, c.window)
+            rows, cols = (plan_axis(canvas_hw[a], self.tile[a], self.overlap[a], self.halo, offset[a], c.grid, c.wrap,
+                                    c.window) for a in (0, 1))
             self._plans[key] = TilePlan(rows, cols, offset)
         return self._plans[key]
 
@@ -424,37 +429,21 @@ class TiledDenoiser:
     @torch.no_grad()
     def __call__(self, x, sigma, **cond):
         B, C, H, W = x.shape
-        if isinstance(x, torch.Tensor):
-            reader, device, dtype = _TensorReader(x), x.device, x.dtype
-            new_accumulator = lambda out: _TensorAccumulator(x.shape, out.dtype, x.device)  # noqa: E731
-        else:  # an out-of-core canvas: materialised, read in tiles, results accumulated out of core too
-            reader, device, dtype = x.reader(), self.device or torch.device("cpu"), torch.float32
-            new_accumulator = lambda out: x.new_accumulator()  # noqa: E731
-        if isinstance(sigma, torch.Tensor) and sigma.ndim > 0:
-            sigmas = sigma.reshape(-1).to(device)
-            if len(sigmas) != B:
-                raise ValueError(f"sigma has {len(sigmas)} values for a batch of {B} canvases")
-        else:
-            sigmas = torch.full((B,), float(sigma), dtype=dtype, device=device)
-        values = sigmas.tolist()
-        plans = [self.plan((H, W), values[b]) for b in range(B)]
+        tensor = isinstance(x, torch.Tensor)
+        # Tiles of an out-of-core canvas are read from it (materialised first) and evaluated on `device`.
+        reader = TensorReader(x) if tensor else x.reader()
+        device, dtype = (x.device, x.dtype) if tensor else (self.device or torch.device("cpu"), torch.float32)
+        sigmas = _per_canvas(sigma, B, dtype, device)  # (B,)
+        plans = [self.plan((H, W), s) for s in sigmas.tolist()]
+        tiles = ((b, k, j) for b in range(B) for k, j in plans[b].order())
         accumulators: list = []
-        th, tw = self.tile
-        window_size = (th + 2 * self.halo, tw + 2 * self.halo)
-        order = ((b, k, j) for b in range(B) for k, j in plans[b].order())
-        while batch := list(itertools.islice(order, self.config.batch)):
-            inputs = torch.stack([read_window(reader, b, plans[b].rows.inputs[k], plans[b].cols.inputs[j],
-                                              window_size, C, dtype, device) for b, k, j in batch])  # (N, C, h', w')
-            index = torch.tensor([b for b, _, _ in batch])
-            boxes = [TileBox(b, plans[b].rows.starts[k], plans[b].cols.starts[j], th, tw, (H, W)) for b, k, j in batch]
-            tile_cond = {name: _per_tile(value, index, B) for name, value in cond.items()}
-            out = self.model(inputs, sigmas[index.to(sigmas.device)], boxes, **tile_cond)
-            outs = out if isinstance(out, tuple) else (out,)
-            if not accumulators:
-                accumulators = [new_accumulator(o) for o in outs]
-            for o in outs:
-                if o.shape[0] != len(batch) or tuple(o.shape[-2:]) != (th, tw):
-                    raise ValueError(f"the tile model returned {tuple(o.shape)} for {len(batch)} tiles of {th}x{tw}")
+        while batch := list(itertools.islice(tiles, self.config.batch)):
+            # Denoise a batch of tile windows (halo included): x0 (and v) of the tiles' own pixels.
+            outs = self._denoise_tiles(reader, plans, batch, sigmas, (H, W), C, dtype, device, cond)
+            if not accumulators:  # the model's dtype for a tensor canvas; float32 out of core
+                accumulators = [_TensorAccumulator(x.shape, o.dtype, x.device) if tensor else x.new_accumulator()
+                                for o in outs]
+            # Blend: add each tile times its normalised separable window, in a fixed order.
             for n, (b, k, j) in enumerate(batch):
                 rows, cols = plans[b].rows, plans[b].cols
                 weight = rows.factors[k][:, None] * cols.factors[j][None, :]  # (h, w) float64
@@ -468,6 +457,32 @@ class TiledDenoiser:
         self.calls += 1
         results = tuple(a.finish() for a in accumulators)
         return results if len(results) > 1 else results[0]
+
+    def _denoise_tiles(self, reader, plans, batch, sigmas, canvas_hw, channels, dtype, device, cond):
+        """The tile model on the windows of `batch` [(canvas, tile row, tile col)]; a tuple of outputs."""
+        (th, tw), halo = self.tile, self.halo
+        windows = [read_window(reader, b, plans[b].rows.inputs[k], plans[b].cols.inputs[j],
+                               (th + 2 * halo, tw + 2 * halo), channels, dtype, device) for b, k, j in batch]
+        index = torch.tensor([b for b, _, _ in batch])
+        boxes = [TileBox(b, plans[b].rows.starts[k], plans[b].cols.starts[j], th, tw, canvas_hw) for b, k, j in batch]
+        tile_cond = {name: _per_tile(value, index, len(plans)) for name, value in cond.items()}
+        out = self.model(torch.stack(windows), sigmas[index.to(sigmas.device)], boxes, **tile_cond)
+        outs = out if isinstance(out, tuple) else (out,)
+        for o in outs:
+            if tuple(o.shape) != (len(batch), channels, th, tw):
+                raise ValueError(f"the tile model returned {tuple(o.shape)} for {len(batch)} tiles "
+                                 f"of {channels}x{th}x{tw}")
+        return outs
+
+
+def _per_canvas(sigma, batch: int, dtype, device) -> torch.Tensor:
+    """sigma as a (B,) tensor: a (B,) tensor as is, a scalar repeated."""
+    if isinstance(sigma, torch.Tensor) and sigma.ndim > 0:
+        sigmas = sigma.reshape(-1).to(device)
+        if len(sigmas) != batch:
+            raise ValueError(f"sigma has {len(sigmas)} values for a batch of {batch} canvases")
+        return sigmas
+    return torch.full((batch,), float(sigma), dtype=dtype, device=device)
 
 
 def _per_tile(value, index: torch.Tensor, batch: int):
