@@ -51,6 +51,7 @@ __all__ = [
     "window",
     "plan_axis",
     "check_tiling",
+    "resolve_tiling",
     "read_window",
     "add_tile",
     "TensorReader",
