@@ -76,7 +76,7 @@ def generate(method, net, per_class: int, guidance: float, steps: int) -> tuple[
 
 def run(minutes: float, guidance: list[float], per_class: int, steps: int, out_dir: str, run_dir: str,
         reuse: bool, command: str) -> dict:
-    from patchdiffusion.sample import load_run
+    from patchdiffusion.run import load_run
     from patchdiffusion.train import train
 
     torch.set_num_threads(1)  # the machine is shared

@@ -32,6 +32,7 @@ from patchdiffusion.methods.dimr import DiMRConfig, DiMRMethod
 from patchdiffusion.nets.dimr import complexity, dimr_config
 from patchdiffusion.nets.unet import UNet, UNetConfig
 from patchdiffusion.rng import SampleRNG, mix_seed
+from patchdiffusion.methods.base import StepPlan, TrainBatch
 from patchdiffusion.train import ema_beta, learning_rate, update_ema
 
 RESOLUTION = 16
@@ -75,7 +76,8 @@ class Trainee:
         rng = SampleRNG([mix_seed(0, 2, step, k) for k in range(len(images))])
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(OPTIM, step)
-        loss = self.method.loss(self.net, images, None, rng).mean()
+        batch = TrainBatch(images, None, torch.arange(len(images)), StepPlan())
+        loss = self.method.loss(self.net, batch, rng).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)

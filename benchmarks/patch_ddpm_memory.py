@@ -71,7 +71,7 @@ def measure(divider: int, batch: int, side: int, patch_batch: int, steps: int, d
     if dev.type != "cuda":
         out["hwm_reset"] = hwm_reset
     start, cpu_start = time.perf_counter(), time.process_time()
-    images = method.sample(net, rng, steps=steps, patch_batch=patch_batch,
+    images = method.sample(net, rng, steps=steps, options={"patch_batch": patch_batch},
                            callback=lambda info: calls.append(time.perf_counter()))
     peak = peak_memory(dev)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start

@@ -54,7 +54,8 @@ def real_images(seed: int, count: int) -> torch.Tensor:
 
 def train_and_sample(name: str, divider: int, gcc: bool, args, work: str) -> dict:
     from patchdiffusion.config import RunConfig, apply_overrides
-    from patchdiffusion.train import sample_with, train
+    from patchdiffusion.sample import sample_images
+    from patchdiffusion.train import train
 
     config = apply_overrides(RunConfig(), ["method=patch_ddpm"])
     config = apply_overrides(config, [
@@ -65,12 +66,12 @@ def train_and_sample(name: str, divider: int, gcc: bool, args, work: str) -> dic
     start, cpu = time.perf_counter(), time.process_time()
     result = train(config, f"{work}/{name.replace(' ', '_').replace('=', '')}", progress=False, log=lambda *a: None)
     train_cpu, train_wall = time.process_time() - cpu, time.perf_counter() - start
-    from patchdiffusion.sample import load_run
+    from patchdiffusion.run import load_run
 
     loaded = load_run(result.run_dir, "cpu", use_ema=True)
     start, cpu = time.perf_counter(), time.process_time()
     images = torch.cat([
-        sample_with(loaded.method, loaded.net, config, min(64, args.num - s), seed0=s, device="cpu",
+        sample_images(loaded.method, loaded.net, config, min(64, args.num - s), seed0=s, device="cpu",
                     sampler="ddpm", steps=args.sample_steps)
         for s in range(0, args.num, 64)
     ])

@@ -36,7 +36,7 @@ from benchmarks.common import machine_info, write_results
 def sample_run(run: str, size: tuple[int, int], num: int, steps: int, guidance: float, positions: str | None,
                grid_shift: str, device: torch.device) -> tuple[np.ndarray, dict]:
     """`num` canvases (N, 3, H, W) uint8 of a run, canvas i with training image i's code and seed i."""
-    from patchdiffusion.sample import load_run
+    from patchdiffusion.run import load_run
     from patchdiffusion.tiling import sample_canvas
 
     loaded = load_run(run, device)

@@ -109,7 +109,7 @@ def evaluate_checkpoint(run_dir: str, step: int, num_images: int) -> dict:
     from patchdiffusion.config import load_config
     from patchdiffusion.eval.monitor import SWDMonitor
     from patchdiffusion.methods import build_method
-    from patchdiffusion.train import sample_with
+    from patchdiffusion.sample import sample_images
 
     torch.set_num_threads(1)
     config = load_config(Path(run_dir) / "config.yaml")
@@ -119,7 +119,7 @@ def evaluate_checkpoint(run_dir: str, step: int, num_images: int) -> dict:
     runs.load_into(net, runs.load_weights(checkpoint, "ema"), str(checkpoint.path))
     net.eval()
     samples = torch.cat([
-        sample_with(method, net, config, min(EVAL_BATCH, num_images - start), seed0=SAMPLE_SEED0 + start, device="cpu")
+        sample_images(method, net, config, min(EVAL_BATCH, num_images - start), seed0=SAMPLE_SEED0 + start, device="cpu")
         for start in range(0, num_images, EVAL_BATCH)
     ])
     monitor = SWDMonitor(held_out_images(num_images), num_images=num_images, seed=0)

@@ -32,7 +32,7 @@ import time
 import torch
 
 from benchmarks.common import machine_info, write_results
-from patchdiffusion.methods.base import StepPlan
+from patchdiffusion.methods.base import StepPlan, TrainBatch
 from patchdiffusion.methods.full import FullConfig, FullImageMethod
 from patchdiffusion.methods.patch_diffusion import PatchDiffusionConfig, PatchDiffusionMethod, batch_multiplier
 from patchdiffusion.nets.unet import UNetConfig
@@ -70,11 +70,11 @@ class Case:
         self.calls += 1
         start, cpu_start = time.perf_counter(), time.process_time()
         images = self.images[index]
-        loss = self.method.loss(self.net, images, None, rng, **plan.options).mean()
+        loss = self.method.loss(self.net, TrainBatch(images, None, index, plan), rng).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        side = plan.options.get("patch_size", RESOLUTION)
+        side = getattr(plan, "patch_size", 0) or RESOLUTION
         return time.perf_counter() - start, time.process_time() - cpu_start, count, count * side * side
 
 
@@ -146,7 +146,7 @@ def run(seconds: float = 100.0, batch: int = 8, real_p: float = 0.5, out_dir: st
             t["samples"] += samples
             t["pixels"] += pixels
             if key == "patch":
-                size = p.options["patch_size"]
+                size = p.patch_size
                 t["sizes"][str(size)] = t["sizes"].get(str(size), 0) + 1
         step += 1
     for key, t in totals.items():

@@ -2,20 +2,29 @@
 
     patchdiff train  [--method M] [--data SRC] [--run DIR] [--resume] [key=value ...]
     patchdiff sample --run DIR --num N --seed S [--sampler heun] [--steps 18] --out DIR
-    patchdiff patchdm init-codes --data D --clip PATH --out codes.safetensors   Patch-DM's CLIP-initialised codes
-    patchdiff train-codes --run DIR        Patch-DM's latent code model
     patchdiff data convert --source SRC --dest X.zip|X.lmdb|DIR [--resolution WxH] [--transform center-crop]
-    patchdiff config [--method M]          print a method's full default config as YAML
+    patchdiff eval --images DIR|RUN --ref DATA|REF.npz [--metrics fid,kid,is,pr,swd]
+    patchdiff config [--method M | --preset P | --list-presets]   every config key with its default
     patchdiff bench NAME                   speed/memory benchmarks (ratios measured side by side)
     patchdiff demo                         train a small model on built-in data, sample, report
+and each method's own tools (e.g. `patchdiff train-codes`), listed by `patchdiff --help`.
+
+The CLI knows no method by name: a method's extra options, tools, presets and architectures come
+from its class (methods/base.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
+import math
 import sys
 import time
+import typing
 from pathlib import Path
+
+from patchdiffusion.errors import ConfigError, TrainingDiverged, UserError
 
 EPILOG_TRAIN = """\
 Any config value can be set as key=value (or --key value): a full dotted path such as
@@ -24,31 +33,77 @@ train.lr=1e-4 or model.net.channel_mult=[1,2,2], or just the last part when it i
 
 examples:
   patchdiff train --data builtin:textures --resolution 32 steps=2000
-  patchdiff train --method patching --patch_size 4 --resolution 64 --run runs/luhman
-  patchdiff train --run runs/luhman --resume steps=4000
+  patchdiff train --method METHOD --resolution 64 --run runs/mine lr=1e-4
+  patchdiff train --preset NAME --run runs/mine        (patchdiff config --list-presets)
+  patchdiff train --run runs/mine --resume steps=4000
   torchrun --standalone --nproc_per_node 2 -m patchdiffusion.cli train --run-dir runs/ddp ...
   (under torchrun write --run-dir: torchrun itself would take --run as its --run-path)
 """
 
 
-def _user_errors():
-    from patchdiffusion.config import ConfigError
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line (the usage is one `--help` away)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _user_errors() -> tuple[type, ...]:
+    """Every error type whose message is meant for the user."""
+    from patchdiffusion.data import DataError
     from patchdiffusion.run import RunError
 
-    errors = [ConfigError, RunError]
-    try:
-        from patchdiffusion.data import DataError
+    return (UserError, DataError, RunError)
 
-        errors.append(DataError)
-    except ImportError:
-        pass
-    return tuple(errors)
+
+# ------------------------------------------------------------------------------------------------
+# argument types that refuse meaningless numbers with one line
+
+
+def _number(kind: type, minimum: float | None = None, above: float | None = None, maximum: float | None = None):
+    """An argparse type: a finite number of `kind`, >= minimum / > above / <= maximum."""
+
+    def parse(text: str):
+        try:
+            value = float(text)
+            if kind is int:
+                if not math.isfinite(value) or value != int(value):
+                    raise ValueError
+                value = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        if minimum is not None and value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
+        if above is not None and value <= above:
+            raise argparse.ArgumentTypeError(f"must be greater than {above}, got {text}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _number(int, minimum=1)
+nonnegative_int = _number(int, minimum=0)
+positive_float = _number(float, above=0)
+seed_int = _number(int, minimum=0, maximum=2**63 - 1)
+
+
+def _size_text(text: str) -> str:
+    from patchdiffusion.config import parse_size
+
+    try:
+        parse_size(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def _split_overrides(extra: list[str]) -> list[str]:
     """key=value words and unknown `--key value` / `--key=value` flags become overrides."""
-    from patchdiffusion.config import ConfigError
-
     overrides, i = [], 0
     while i < len(extra):
         word = extra[i]
@@ -69,7 +124,85 @@ def _split_overrides(extra: list[str]) -> list[str]:
     return overrides
 
 
+def _refuse_extra(extra: list[str], parser: argparse.ArgumentParser) -> None:
+    """One line for an argument the command does not take, with the closest flag it does take."""
+    if not extra:
+        return
+    word = extra[0]
+    flags = [s for action in parser._actions for s in action.option_strings]
+    close = difflib.get_close_matches(word.split("=")[0], flags, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise ConfigError(f"unknown argument '{word}'{hint}")
+
+
 # ------------------------------------------------------------------------------------------------
+# flags made from option dataclasses (a method's SampleOptions) and from the samplers' signatures
+
+
+def _flag_type(annotation, metadata: dict):
+    """The argparse type of an option field: int/float (bounded by metadata min) or str."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    kind = args[0]
+    if kind is int:
+        return _number(int, minimum=metadata.get("min"))
+    if kind is float:
+        return _number(float, minimum=metadata.get("min"))
+    return str
+
+
+def _method_option_fields() -> dict[str, list[tuple[str, dataclasses.Field, typing.Any]]]:
+    """Every method's sampling options by name -> [(method, field, annotation)] of the methods that take it."""
+    from patchdiffusion.registry import method_classes
+
+    fields: dict[str, list[tuple[str, dataclasses.Field, typing.Any]]] = {}
+    for cls in method_classes():
+        hints = typing.get_type_hints(cls.SampleOptions)
+        for f in dataclasses.fields(cls.SampleOptions):
+            if f.metadata.get("cli", True) is not False:
+                fields.setdefault(f.name, []).append((cls.name, f, hints[f.name]))
+    return fields
+
+
+def _add_method_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("method options (each applies to the methods named in its help)")
+    for name, owners in _method_option_fields().items():
+        _, first, annotation = owners[0]
+        minimum = min((f.metadata.get("min", 0) for _, f, _ in owners), default=None)
+        group.add_argument(
+            "--" + name.replace("_", "-"), dest=f"method_option.{name}", metavar=name.upper(), default=None,
+            type=_flag_type(annotation, {**first.metadata, "min": minimum}), choices=first.metadata.get("choices"),
+            help="; ".join(f"{method}: {f.metadata.get('help', '')}" for method, f, _ in owners),
+        )
+
+
+def _add_sampler_options(parser: argparse.ArgumentParser) -> None:
+    import inspect
+
+    from patchdiffusion.diffusion.samplers import SAMPLERS
+    from patchdiffusion.methods.base import sampler_option_names
+
+    group = parser.add_argument_group("sampler options (each applies to the samplers named in its help)")
+    owners: dict[str, list[str]] = {}
+    for sampler in SAMPLERS:
+        for name in sampler_option_names(sampler):
+            owners.setdefault(name, []).append(sampler)
+    for name, samplers in owners.items():
+        default = inspect.signature(SAMPLERS[samplers[0]]).parameters[name].default
+        kind = _number(float, minimum=0) if isinstance(default, float) else str
+        group.add_argument(f"--{name}", dest=f"sampler_option.{name}", metavar=name.upper(), type=kind, default=None,
+                           choices=SAMPLER_CHOICES.get(name), help=f"{'/'.join(samplers)} (default {default})")
+
+
+SAMPLER_CHOICES = {"variance": ("small", "large", "learned")}  # the string-valued sampler options
+
+
+def _collected(args, prefix: str) -> dict:
+    return {key[len(prefix):]: value for key, value in vars(args).items()
+            if key.startswith(prefix) and value is not None}
+
+
+# ------------------------------------------------------------------------------------------------
+# train
 
 
 def cmd_train(args, extra: list[str]) -> int:
@@ -78,64 +211,44 @@ def cmd_train(args, extra: list[str]) -> int:
 
     overrides = _split_overrides(extra)
     flags = []
-    if args.method:
-        flags.append(f"method={args.method}")
-    if args.data:
-        flags.append(f"data.source={args.data}")
-    if args.resolution:
-        flags.append(f"data.resolution={args.resolution}")
-    if args.steps is not None:
-        flags.append(f"train.steps={args.steps}")
-    if args.batch is not None:
-        flags.append(f"train.batch_size={args.batch}")
-    if args.device:
-        flags.append(f"train.device={args.device}")
-    if args.minutes is not None:
-        flags.append(f"train.max_minutes={args.minutes}")
+    for value, key in ((args.method, "method"), (args.data, "data.source"), (args.resolution, "data.resolution"),
+                       (args.steps, "train.steps"), (args.batch, "train.batch_size"), (args.device, "train.device"),
+                       (args.minutes, "train.max_minutes"), (args.vae, "model.vae_path")):
+        if value is not None:
+            flags.append(f"{key}={value}")
     if args.latents:
         flags.append("model.latent=true")
-    if args.vae:
-        flags.append(f"model.vae_path={args.vae}")
 
     run_dir = Path(args.run) if args.run else None
     if args.resume:
         if run_dir is None:
-            from patchdiffusion.config import ConfigError
-
             raise ConfigError("--resume needs --run DIR (the run to continue)")
-        if args.model:
-            from patchdiffusion.config import ConfigError
-
-            raise ConfigError("--model sets the architecture of a new run; a resumed run keeps its own")
+        if args.model or args.preset or args.config:
+            raise ConfigError("--model, --preset and --config set up a new run; a resumed run keeps its own")
         config = prepare_run(None, run_dir, resume=True, overrides=flags + overrides)
     else:
         if args.config and args.preset:
-            from patchdiffusion.config import ConfigError
-
             raise ConfigError("give --config or --preset, not both")
         if args.preset:
             from patchdiffusion.presets import preset_config
 
             config = preset_config(args.preset)
-        elif args.config and args.config.lower().endswith(".json"):  # Patch-based DDPM's reference JSON style
-            from patchdiffusion.methods.patch_ddpm_json import load_seed_config
+        elif args.config and not args.config.lower().endswith((".yaml", ".yml")):
+            from patchdiffusion.methods import read_foreign_config
 
-            config, json_run_dir = load_seed_config(args.config)
-            run_dir = run_dir or json_run_dir
+            config, named_run_dir = read_foreign_config(args.config)  # a method's own format (e.g. JSON)
+            run_dir = run_dir or named_run_dir
         else:
             config = load_config(args.config) if args.config else RunConfig()
-        method_flags = [f for f in flags if f.startswith("method=")]
-        config = apply_overrides(config, method_flags)
+        config = apply_overrides(config, [f for f in flags if f.startswith("method=")])
         if args.model:  # the architecture first, so key=value overrides can still change it
-            from patchdiffusion.methods.dimr import model_override
+            from patchdiffusion.registry import method_class
 
-            config = apply_overrides(config, [model_override(args.model, config.method)])
+            config = apply_overrides(config, method_class(config.method).architecture_overrides(args.model))
         config = apply_overrides(config, [f for f in flags if not f.startswith("method=")] + overrides)
         if run_dir is None:
             run_dir = Path("runs") / f"{config.method}-{time.strftime('%Y%m%d-%H%M%S')}"
         elif (run_dir / "config.yaml").exists() and not args.force:
-            from patchdiffusion.config import ConfigError
-
             raise ConfigError(f"'{run_dir}' already holds a run; add --resume to continue it or --force to restart")
     try:
         train(config, run_dir, resume=args.resume, progress=not args.no_progress)
@@ -145,98 +258,99 @@ def cmd_train(args, extra: list[str]) -> int:
     return 0
 
 
+def add_train_parser(sub) -> None:
+    from patchdiffusion.registry import method_names
+
+    p = sub.add_parser("train", help="train a model (new run or --resume)", epilog=EPILOG_TRAIN,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="config file to start from: YAML, or a method's own format (e.g. "
+                                    "Patch-based DDPM's JSON); defaults otherwise")
+    p.add_argument("--preset", help="named starting config (see `patchdiff config --list-presets`)")
+    p.add_argument("--method", choices=method_names(), help="method (default: full)")
+    p.add_argument("--data", help="data source: folder, .zip, .lmdb, or builtin:textures|photos|digits")
+    p.add_argument("--resolution", type=_size_text, help="training size: N or WxH")
+    p.add_argument("--run", "--run-dir", dest="run", help="run directory (default: runs/METHOD-TIMESTAMP)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run from its last checkpoint")
+    p.add_argument("--force", action="store_true", help="start a new run even if --run already holds one")
+    p.add_argument("--steps", type=positive_int, help="total optimizer steps (train.steps)")
+    p.add_argument("--batch", type=positive_int, help="global batch size (train.batch_size)")
+    p.add_argument("--minutes", type=positive_float, help="stop after this much wall time (train.max_minutes)")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--latents", action="store_true", help="train on VAE latents (methods with model.latent; needs --vae)")
+    p.add_argument("--vae", help="local diffusers AutoencoderKL directory (model.vae_path)")
+    p.add_argument("--model", help="a named architecture of the method (" + _architecture_list() + ")")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+
+def _architecture_list() -> str:
+    from patchdiffusion.registry import method_classes
+
+    named = [f"{cls.name}: {', '.join(cls.architectures)}" for cls in method_classes() if cls.architectures]
+    return "; ".join(named) or "none"
+
+
+# ------------------------------------------------------------------------------------------------
+# sample
+
+
 def cmd_sample(args, extra: list[str]) -> int:
-    from patchdiffusion.config import parse_resolution
+    from patchdiffusion.config import parse_size
     from patchdiffusion.sample import generate_images
 
-    if extra:
-        from patchdiffusion.config import ConfigError
-
-        raise ConfigError(f"unexpected arguments: {' '.join(extra)}")
+    _refuse_extra(extra, args.parser)
     height = width = None
     if args.size:
-        height, width = parse_resolution(args.size)
+        height, width = parse_size(args.size)
     out = args.out or str(Path(args.run) / "generated")
-    if _run_method(args.run) == "patch_dm":  # canvases of any size, memory-bounded (patchdiffusion/tiling.py)
-        from patchdiffusion.tiling import generate_canvases
-
-        paths = generate_canvases(
-            args.run, out, num=args.num, seed=args.seed, height=height, width=width, sampler=args.sampler,
-            steps=args.steps, guidance=args.guidance, eta=args.eta, code_from=args.code_from, storage=args.canvas,
-            patch_batch=args.patch_batch, npy=args.npy, device=args.device, use_ema=not args.no_ema,
-            grid_shift=args.grid_shift, positions=args.positions,
-            progress=not args.no_progress,
-        )
-        print(f"wrote {len(paths)} files to {out}")
-        return 0
-    for flag, value in (("--code-from", args.code_from), ("--grid-shift", args.grid_shift),
-                        ("--positions", args.positions)):
-        if value is not None:
-            from patchdiffusion.config import ConfigError
-
-            raise ConfigError(f"{flag} is for patch_dm runs (their semantic codes and window grid)")
+    options = {**_collected(args, "sampler_option."), **_collected(args, "method_option.")}
     paths = generate_images(
         args.run, out, num=args.num, seed=args.seed, batch_size=args.batch, sampler=args.sampler,
         steps=args.steps, guidance=args.guidance, class_label=args.class_label, height=height, width=width,
-        device=args.device, use_ema=not args.no_ema, progress=not args.no_progress,
-        S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max, S_noise=args.S_noise, eta=args.eta,
-        patch_batch=args.patch_batch,
+        device=args.device, use_ema=False if args.no_ema else None, progress=not args.no_progress, **options,
     )
     print(f"wrote {len(paths)} images and grid.png to {out}")
     return 0
 
 
-def _run_method(run_dir: str) -> str | None:
-    """The method of a run directory (None when it has no readable config; generate_images then says why)."""
-    from patchdiffusion.config import load_config
-
-    try:
-        return load_config(Path(run_dir) / "config.yaml").method
-    except (_user_errors()):
-        return None
-
-
-def cmd_patchdm(args, extra: list[str]) -> int:
-    from patchdiffusion.codes import init_codes
-    from patchdiffusion.config import ConfigError, parse_resolution
-
-    if args.patchdm_command != "init-codes":
-        args.patchdm_parser.print_help()
-        return 2
-    if extra:
-        raise ConfigError(f"unexpected arguments: {' '.join(extra)}")
-    resolution = None
-    if args.resolution:
-        h, w = parse_resolution(args.resolution)
-        resolution = (w, h)
-    codes = init_codes(args.data, args.clip, args.out, resolution=resolution, batch_size=args.batch,
-                       device=args.device, progress=not args.no_progress)
-    print(f"wrote {codes.shape[0]} codes of width {codes.shape[1]} to {args.out} "
-          f"(train with model.codes_path={args.out} model.net.code_dim={codes.shape[1]})")
-    return 0
+def add_sample_parser(sub) -> None:
+    p = sub.add_parser("sample", help="generate images from a run directory")
+    p.add_argument("--run", required=True, help="run directory made by `patchdiff train`")
+    p.add_argument("--num", type=positive_int, default=16, help="number of images (default 16)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the first image; image i uses seed+i")
+    p.add_argument("--sampler", choices=["heun", "euler", "ddim", "ddpm", "dpmpp_2m"],
+                   help="sampler (default: the run's sample.sampler, else the method's)")
+    p.add_argument("--steps", type=positive_int, help="sampling steps (default: the method's)")
+    p.add_argument("--guidance", "--cfg-scale", dest="guidance", type=_number(float, minimum=0),
+                   help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--class", dest="class_label", type=nonnegative_int, help="class label to generate")
+    p.add_argument("--size", type=_size_text, help="canvas size N or WxH (default: the training size)")
+    p.add_argument("--batch", type=positive_int, default=16, help="images per batch (memory), does not change results")
+    p.add_argument("--out", help="output folder (default: RUN/generated)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--no-progress", action="store_true")
+    _add_sampler_options(p)
+    _add_method_options(p)
+    p.set_defaults(func=cmd_sample, parser=p)
 
 
-def cmd_train_codes(args, extra: list[str]) -> int:
-    from patchdiffusion.codes import train_codes_for_run
-
-    report = train_codes_for_run(args.run, _split_overrides(extra), device=args.device, num_eval=args.num_eval,
-                                 progress=not args.no_progress)
-    print(f"Fréchet distance to the code table: sampled codes {report['fd_sampled']:.4g}, "
-          f"N(0, I) noise {report['fd_gaussian_noise']:.4g}")
-    return 0
+# ------------------------------------------------------------------------------------------------
+# data, config, bench, demo
 
 
 def cmd_data(args, extra: list[str]) -> int:
-    from patchdiffusion.config import parse_resolution
+    from patchdiffusion.config import parse_size
     from patchdiffusion.data.convert import convert_dataset
 
     if args.data_command != "convert":
         args.data_parser.print_help()
         return 2
+    _refuse_extra(extra, args.data_parser)
     resolution = None
     if args.resolution:
-        h, w = parse_resolution(args.resolution)
-        resolution = (w, h)
+        height, width = parse_size(args.resolution)
+        resolution = (width, height)  # the data layer's (width, height)
     summary = convert_dataset(
         args.source, args.dest, resolution=resolution, transform=args.transform, progress=not args.no_progress,
         overwrite=args.overwrite,
@@ -245,12 +359,30 @@ def cmd_data(args, extra: list[str]) -> int:
     return 0
 
 
+def add_data_parser(sub) -> None:
+    p = sub.add_parser("data", help="prepare data sets")
+    data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", parser_class=OneLineParser)
+    c = data_sub.add_parser(
+        "convert", help="convert images between folder / zip / lmdb / built-in sets",
+        description="Convert a data set. Bad files (unreadable, truncated, too small) are skipped and listed; "
+        "grayscale, RGBA, palette and 16-bit images are converted to 8-bit RGB. The output is written "
+        "under a temporary name and renamed only when complete.",
+    )
+    c.add_argument("--source", required=True, help="folder, .zip, .lmdb, or builtin:NAME")
+    c.add_argument("--dest", required=True, help="output: X.zip, X.lmdb, or a folder")
+    c.add_argument("--resolution", type=_size_text, help="output size N or WxH (default: keep each image's size)")
+    c.add_argument("--transform", default="center-crop", choices=["center-crop", "resize"])
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --dest")
+    c.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_data, data_parser=p)
+
+
 def cmd_config(args, extra: list[str]) -> int:
     import yaml
 
     from patchdiffusion.config import RunConfig, apply_overrides, to_dict
-
     from patchdiffusion.presets import PRESETS, preset_config
+    from patchdiffusion.registry import method_class
 
     if args.list_presets:
         for name, (text, _) in PRESETS.items():
@@ -261,7 +393,24 @@ def cmd_config(args, extra: list[str]) -> int:
     else:
         config = apply_overrides(RunConfig(), [f"method={args.method}"] + _split_overrides(extra))
     print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+    options = dataclasses.fields(method_class(config.method).SampleOptions)
+    if options:
+        print(f"# sampling options of {config.method} (patchdiff sample --NAME; default: the run's model config):")
+        for f in options:
+            flag = f"--{f.name.replace('_', '-')}" if f.metadata.get("cli", True) else f"{f.name} (Python API)"
+            print(f"#   {flag}: {f.metadata.get('help', '')}")
     return 0
+
+
+def add_config_parser(sub) -> None:
+    from patchdiffusion.config import RunConfig
+    from patchdiffusion.registry import method_names
+
+    p = sub.add_parser("config", help="print a method's default config (every key) as YAML")
+    p.add_argument("--method", default=RunConfig.method, choices=method_names())
+    p.add_argument("--preset", help="print a named preset instead of a method's defaults")
+    p.add_argument("--list-presets", action="store_true", help="list the named presets")
+    p.set_defaults(func=cmd_config)
 
 
 def cmd_bench(args, extra: list[str]) -> int:
@@ -280,6 +429,14 @@ def cmd_bench(args, extra: list[str]) -> int:
     return run_benchmark(args.name, extra)
 
 
+def add_bench_parser(sub) -> None:
+    # --help after a name belongs to that benchmark's own parser, so this one adds its -h itself
+    p = sub.add_parser("bench", help="run a benchmark (no name: list them)", add_help=False)
+    p.add_argument("name", nargs="?", help="benchmark name (patchdiff bench NAME --help: its options)")
+    p.add_argument("-h", "--help", action="store_true", help="show this help (or NAME's) and exit")
+    p.set_defaults(func=cmd_bench, bench_parser=p)
+
+
 def cmd_demo(args, extra: list[str]) -> int:
     from patchdiffusion.demo import run_demo
 
@@ -291,135 +448,87 @@ def cmd_demo(args, extra: list[str]) -> int:
     return 0
 
 
-# ------------------------------------------------------------------------------------------------
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from patchdiffusion.methods import method_names
-
-    parser = argparse.ArgumentParser(
-        prog="patchdiff", description="Train, sample and evaluate patch-based diffusion models.",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__,
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _add_parser = sub.add_parser
-    sub.add_parser = lambda *a, **k: _add_parser(*a, allow_abbrev=False, **k)  # --batch must not swallow --batch_size
-
-    p = sub.add_parser(
-        "train", help="train a model (new run or --resume)", epilog=EPILOG_TRAIN,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--config", help="YAML config file to start from (defaults otherwise)")
-    p.add_argument("--preset", help="named starting config (see `patchdiff config --list-presets`)")
-    p.add_argument("--method", choices=method_names(), help="method (default: full)")
-    p.add_argument("--data", help="data source: folder, .zip, .lmdb, or builtin:textures|photos|digits")
-    p.add_argument("--resolution", help="training size: N or WxH")
-    p.add_argument("--run", "--run-dir", dest="run", help="run directory (default: runs/METHOD-TIMESTAMP)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --run from its last checkpoint")
-    p.add_argument("--force", action="store_true", help="start a new run even if --run already holds one")
-    p.add_argument("--steps", type=int, help="total optimizer steps (train.steps)")
-    p.add_argument("--batch", type=int, help="global batch size (train.batch_size)")
-    p.add_argument("--minutes", type=float, help="stop after this much wall time (train.max_minutes)")
-    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--latents", action="store_true", help="train on VAE latents (patch_diffusion; needs --vae)")
-    p.add_argument("--vae", help="local diffusers AutoencoderKL directory (model.vae_path)")
-    p.add_argument("--model", help="DiMR architecture: dimr-tiny | dimr-xl-2r | dimr-g-2r (method dimr; sets model.net)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("sample", help="generate images from a run directory")
-    p.add_argument("--run", required=True, help="run directory made by `patchdiff train`")
-    p.add_argument("--num", type=int, default=16, help="number of images (default 16)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i")
-    p.add_argument("--sampler", help="heun | euler | ddim | ddpm | dpmpp_2m (default: the method's)")
-    p.add_argument("--steps", type=int, help="sampling steps (default: the method's)")
-    p.add_argument("--guidance", "--cfg-scale", dest="guidance", type=float,
-                   help="classifier-free guidance scale (class-conditional models; 1 = off)")
-    p.add_argument("--S_churn", type=float, help="EDM stochasticity (heun/euler), e.g. 40")
-    p.add_argument("--S_min", type=float, help="churn only for sigma >= S_min")
-    p.add_argument("--S_max", type=float, help="churn only for sigma <= S_max")
-    p.add_argument("--S_noise", type=float, help="noise inflation of the churn, e.g. 1.003")
-    p.add_argument("--eta", type=float, help="DDIM stochasticity (0 = deterministic)")
-    p.add_argument("--patch-batch", type=int, help="patch_ddpm: grid cells per network call (memory vs speed; 0 = all); patch_dm: encoder patches per call")
-    p.add_argument("--class", dest="class_label", type=int, help="class label to generate")
-    p.add_argument("--size", help="canvas size N or WxH (default: the training size)")
-    p.add_argument("--batch", type=int, default=16, help="images per batch (memory), does not change results")
-    p.add_argument("--out", help="output folder (default: RUN/generated)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--code-from", type=int, help="patch_dm: use this training image's semantic code (style reuse)")
-    p.add_argument("--canvas", default="auto", choices=["auto", "memory", "disk"],
-                   help="patch_dm: keep the canvas in host memory or memory-mapped on disk (auto: disk above 4M pixels)")
-    p.add_argument("--npy", action="store_true", help="patch_dm: also write each canvas as float32 .npy")
-    p.add_argument("--grid-shift", choices=["fixed", "random"],
-                   help="patch_dm: fixed = decode windows on the canvas's own patch grid every step (the paper); "
-                        "random = move the window grid by a random offset each step, which keeps per-window errors "
-                        "from stacking into seams (default: the run's model.grid_shift)")
-    p.add_argument("--positions", choices=["auto", "grid", "none"],
-                   help="patch_dm: grid = the patches' cell coordinates (the paper), none = the position-free branch, "
-                        "auto = grid while the canvas fits the training images' grid (default: the run's model.positions)")
-    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_sample)
-
-    p = sub.add_parser("patchdm", help="Patch-DM tools: init-codes (CLIP embeddings of the training images)")
-    pdm_sub = p.add_subparsers(dest="patchdm_command", metavar="ACTION")
-    c = pdm_sub.add_parser("init-codes", help="initial semantic codes: the CLIP image embedding of every training image")
-    c.add_argument("--data", required=True, help="the training data source (folder, .zip, .lmdb, builtin:NAME)")
-    c.add_argument("--clip", required=True, help="local CLIPVisionModelWithProjection directory (save_pretrained)")
-    c.add_argument("--out", required=True, help="output .safetensors (key 'codes', one row per image)")
-    c.add_argument("--resolution", help="the training resolution N or WxH the images are read at (as data.resolution)")
-    c.add_argument("--batch", type=int, default=128, help="images per CLIP batch (default 128, the reference's)")
-    c.add_argument("--device", default="cpu")
-    c.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_patchdm, patchdm_parser=p)
-
-    p = sub.add_parser("train-codes", help="patch_dm: train the latent code model on a run's learned codes")
-    p.add_argument("--run", required=True, help="a patch_dm run directory; the model goes to RUN/codes_model/")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--num-eval", type=int, default=0, help="codes sampled for the Fréchet report (default max(2N, 256))")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_train_codes)
-
-    p = sub.add_parser("data", help="prepare data sets")
-    data_sub = p.add_subparsers(dest="data_command", metavar="ACTION")
-    c = data_sub.add_parser(
-        "convert", help="convert images between folder / zip / lmdb / built-in sets",
-        description="Convert a data set. Bad files (unreadable, truncated, too small) are skipped and listed; "
-        "grayscale, RGBA, palette and 16-bit images are converted to 8-bit RGB. The output is written "
-        "under a temporary name and renamed only when complete.",
-    )
-    c.add_argument("--source", required=True, help="folder, .zip, .lmdb, or builtin:NAME")
-    c.add_argument("--dest", required=True, help="output: X.zip, X.lmdb, or a folder")
-    c.add_argument("--resolution", help="output size N or WxH (default: keep each image's size)")
-    c.add_argument("--transform", default="center-crop", choices=["center-crop", "resize"])
-    c.add_argument("--overwrite", action="store_true", help="replace an existing --dest")
-    c.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_data, data_parser=p)
-
-    from patchdiffusion.eval.cli import register as register_eval
-
-    register_eval(sub)
-
-    p = sub.add_parser("config", help="print a method's default config (every key) as YAML")
-    p.add_argument("--method", default="full", choices=method_names())
-    p.add_argument("--preset", help="print a named preset instead of a method's defaults")
-    p.add_argument("--list-presets", action="store_true", help="list the named presets")
-    p.set_defaults(func=cmd_config)
-
-    # --help after a name belongs to that benchmark's own parser, so this one adds its -h itself
-    p = sub.add_parser("bench", help="run a benchmark (no name: list them)", add_help=False)
-    p.add_argument("name", nargs="?", help="benchmark name (patchdiff bench NAME --help: its options)")
-    p.add_argument("-h", "--help", action="store_true", help="show this help (or NAME's) and exit")
-    p.set_defaults(func=cmd_bench, bench_parser=p)
-
+def add_demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="train a small model on built-in data for a few minutes, then sample and report")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
-    p.add_argument("--minutes", type=float, default=5.0, help="training time budget (default 5)")
+    p.add_argument("--minutes", type=positive_float, default=5.0, help="training time budget (default 5)")
     p.add_argument("--data", default="builtin:textures", help="data source (default builtin:textures)")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+
+# ------------------------------------------------------------------------------------------------
+# methods' own tools
+
+
+def add_method_commands(sub) -> None:
+    """Each method's `commands` (methods/base.py Command); 'group name' nests under a group parser."""
+    from patchdiffusion.registry import method_classes
+
+    groups: dict[str, typing.Any] = {}
+    for cls in method_classes():
+        for command in cls.commands:
+            words = command.name.split()
+            parent = sub
+            if len(words) == 2:
+                if words[0] not in groups:
+                    group = sub.add_parser(words[0], help=f"{cls.name} tools")
+                    groups[words[0]] = group.add_subparsers(dest=f"{words[0]}_command", metavar="ACTION",
+                                                            parser_class=OneLineParser)
+                    group.set_defaults(func=_group_help(group))
+                parent = groups[words[0]]
+            p = parent.add_parser(words[-1], help=command.help, description=command.help)
+            command.add_arguments(p)
+            p.set_defaults(func=_run_command(command, p))
+
+
+def _group_help(parser):
+    def show(args, extra):
+        parser.print_help()
+        return 2
+
+    return show
+
+
+def _run_command(command, parser):
+    def run(args, extra):
+        _refuse_extra(extra, parser)
+        return command.run(args)
+
+    return run
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="patchdiff", description="Train, sample and evaluate patch-based diffusion models.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__,
+    )
+    # allow_abbrev=False: --batch must not swallow --batch_size
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_no_abbrev(OneLineParser))
+    add_train_parser(sub)
+    add_sample_parser(sub)
+    add_data_parser(sub)
+    from patchdiffusion.eval.cli import register as register_eval
+
+    register_eval(sub)
+    add_config_parser(sub)
+    add_bench_parser(sub)
+    add_demo_parser(sub)
+    add_method_commands(sub)
     return parser
+
+
+def _no_abbrev(cls):
+    class NoAbbrev(cls):
+        def __init__(self, *args, **kwargs):
+            kwargs["allow_abbrev"] = False
+            super().__init__(*args, **kwargs)
+
+    return NoAbbrev
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -433,13 +542,9 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as e:
         print(f"patchdiff {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:  # a training divergence is a user-facing outcome, not a crash
-        from patchdiffusion.train import TrainingDiverged
-
-        if isinstance(e, TrainingDiverged):
-            print(f"patchdiff train: error: {e}", file=sys.stderr)
-            return 1
-        raise
+    except TrainingDiverged as e:  # a training divergence is a user-facing outcome, not a crash
+        print(f"patchdiff train: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

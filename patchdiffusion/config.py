@@ -19,9 +19,7 @@ from typing import Any, Union
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message is one sentence meant for the user."""
+from patchdiffusion.errors import ConfigError
 
 
 @dataclass
@@ -34,7 +32,7 @@ class DataConfig:
     num_workers: int = 0                 # DataLoader worker processes
 
     def __post_init__(self) -> None:
-        self.resolution = parse_resolution(self.resolution)
+        self.resolution = parse_size(self.resolution)
 
 
 @dataclass
@@ -92,9 +90,9 @@ class RunConfig:
 
 def method_config_class(method: str) -> type:
     """The config dataclass of a registered method."""
-    from patchdiffusion.methods import get_method_class
+    from patchdiffusion.registry import method_class
 
-    return get_method_class(method).Config
+    return method_class(method).Config
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,15 +285,40 @@ def apply_overrides(config: RunConfig, overrides: list[str] | dict[str, Any]) ->
     return run_config_from_dict(values)
 
 
-def parse_resolution(text: str | int | tuple | list) -> tuple[int, int]:
-    """'64' -> (64, 64); '128x64' (width x height) -> (64, 128). Returns (height, width); a pair is
-    taken as (height, width) already, as config.yaml stores it."""
-    from patchdiffusion.data.transforms import parse_resolution as parse_width_height
+def parse_size(value: str | int | tuple | list) -> tuple[int, int]:
+    """A size as (height, width), the order of tensors and of config.yaml.
 
-    if isinstance(text, (tuple, list)) and len(text) == 2:
-        return (int(text[0]), int(text[1]))
+    Text is `N` or `WxH` (width first, as image sizes are written: "128x64" is 128 wide, 64 high);
+    an int is a square; a pair is taken as (height, width) already, as config.yaml stores it."""
     try:
-        width, height = parse_width_height(text)
-    except ValueError:
-        raise ConfigError(f"resolution '{text}' is not of the form N or WxH (e.g. 64 or 128x64)") from None
-    return (height, width)
+        if isinstance(value, (tuple, list)):
+            if len(value) != 2:
+                raise ValueError
+            height, width = (_whole_number(v) for v in value)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            height = width = value
+        else:
+            parts = str(value).strip().lower().replace("×", "x").split("x")
+            if len(parts) == 1:
+                height = width = _whole_number(parts[0])
+            elif len(parts) == 2:
+                width, height = _whole_number(parts[0]), _whole_number(parts[1])
+            else:
+                raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(f"size {value!r} is not of the form N or WxH (e.g. 64 or 128x64)") from None
+    if height < 1 or width < 1:
+        raise ConfigError(f"size {value!r} must be positive")
+    return height, width
+
+
+def _whole_number(value) -> int:
+    number = float(value)
+    if number != int(number):
+        raise ValueError
+    return int(number)
+
+
+def format_size(height: int, width: int) -> str:
+    """(height, width) written the way users type it: WxH."""
+    return f"{width}x{height}"

@@ -15,6 +15,7 @@ import torch
 from patchdiffusion.config import RunConfig, apply_overrides
 from patchdiffusion.images import save_grid
 from patchdiffusion.run import read_metrics
+from patchdiffusion.runtime import cpu_has_fast_bf16
 
 # About 2M parameters: ~1200 steps of batch 16 fit in 5 minutes on 2 idle CPU cores with bf16
 # (measured: 1213), enough for stationary data such as textures; by ~1000 steps every texture family
@@ -38,14 +39,6 @@ DEMO_OVERRIDES = [
     "sample.sampler=heun",
     "sample.num_steps=18",
 ]
-
-
-def cpu_has_fast_bf16() -> bool:
-    """bf16 autocast pays off on CPUs with native bf16 dot products (AVX512-BF16 / AMX): ~1.5x here."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def demo_config(data: str = "builtin:textures", minutes: float = 5.0, device: str = "auto", overrides=()) -> RunConfig:

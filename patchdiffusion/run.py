@@ -23,14 +23,17 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from patchdiffusion.errors import UserError
+
 CHECKPOINT_FILES = ("net.safetensors", "ema.safetensors", "state.pt")
 
 
-class RunError(ValueError):
+class RunError(UserError):
     """A run directory or checkpoint that cannot be used; the message is meant for the user."""
 
 
@@ -143,3 +146,36 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
                 except json.JSONDecodeError:
                     continue  # a line cut short by a kill
     return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# A trained run, rebuilt from its directory
+
+
+@dataclass
+class LoadedRun:
+    config: Any  # the run's RunConfig
+    method: Any  # its Method, attached to the run directory
+    net: torch.nn.Module
+    checkpoint: Checkpoint
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu", use_ema: bool = True) -> LoadedRun:
+    """Rebuild a run's model from its directory alone (config.yaml + latest checkpoint)."""
+    from patchdiffusion.config import load_config
+    from patchdiffusion.registry import method_class
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunError(f"run directory '{run_dir}' does not exist")
+    if not (run_dir / "config.yaml").is_file():
+        raise RunError(f"'{run_dir}' has no config.yaml; is it a run directory made by `patchdiff train`?")
+    config = load_config(run_dir / "config.yaml")
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise RunError(f"run '{run_dir}' has no complete checkpoint yet")
+    method = method_class(config.method)(config.model, config.data.resolution)
+    method.attach_run(run_dir)
+    net = method.build_network()
+    load_into(net, load_weights(checkpoint, "ema" if use_ema else "net"), str(checkpoint.path))
+    return LoadedRun(config, method, net.to(device).eval(), checkpoint)

@@ -4,6 +4,8 @@ What makes it exact and reproducible:
   * the data order, flips and every noise draw of example k in step s come from seeds derived from
     (seed, s, k) alone, so 1 process and N processes (torchrun) see the same global batch, and a
     resumed run continues the very same sequence;
+  * data loading runs in DataLoader workers (`data.num_workers`), but which examples a step loads is
+    decided in the main process, step by step, so workers change nothing but speed;
   * a checkpoint holds the net, the EMA, the optimizer, the step, the images seen and the torch RNG
     states (dropout), written atomically; `resume=True` restores all of them and says so.
 """
@@ -12,28 +14,35 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from patchdiffusion.config import ConfigError, RunConfig, save_config, load_config, apply_overrides
+from patchdiffusion import run as runs
+from patchdiffusion.config import RunConfig, apply_overrides, load_config, save_config, to_dict
+from patchdiffusion.errors import ConfigError, TrainingDiverged
 from patchdiffusion.images import save_grid
 from patchdiffusion.methods import build_method
-from patchdiffusion.methods.base import StepPlan
+from patchdiffusion.methods.base import TrainBatch
 from patchdiffusion.rng import SampleRNG, mix_seed
-from patchdiffusion import run as runs
+from patchdiffusion.runtime import Distributed, autocast_context, init_distributed, resolve_device
+from patchdiffusion.sample import sample_images
 
-_DATA_STREAM, _EXAMPLE_STREAM, _SAMPLE_STREAM, _PLAN_STREAM = 1, 2, 3, 4
+_DATA_STREAM, _EXAMPLE_STREAM, _PLAN_STREAM = 1, 2, 4
 
+# What `--resume` may change: budgets, bookkeeping and where it runs, nothing that changes the maths.
+RESUMABLE_KEYS = (
+    "train.steps", "train.max_minutes", "train.max_cpu_minutes", "train.checkpoint_every", "train.sample_every",
+    "train.log_every", "train.device", "train.keep_checkpoints", "train.sample_images", "train.metric_every",
+    "train.metric_images", "train.compile", "data.num_workers",
+)
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
+__all__ = ["train", "TrainResult", "TrainingDiverged", "prepare_run", "StepBatches", "build_dataset", "plot_loss"]
 
 
 @dataclass
@@ -43,58 +52,6 @@ class TrainResult:
     images_seen: int
     last_loss: float
     stopped_early: bool
-
-
-# ------------------------------------------------------------------------------------------------
-# devices, processes, precision
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device '{name}' was asked for but CUDA is not available here")
-    return device
-
-
-@dataclass
-class Distributed:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: torch.device) -> Distributed:
-    """Join the torchrun process group when launched by torchrun (WORLD_SIZE > 1)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return Distributed()
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def autocast_context(precision: str, device: torch.device):
-    if precision == "fp32":
-        return nullcontext()
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if precision == "fp16":
-        if device.type != "cuda":
-            raise ConfigError("precision fp16 needs CUDA; use bf16 (or fp32) on the CPU")
-        return torch.autocast("cuda", dtype=torch.float16)
-    raise ConfigError(f"precision '{precision}' is not one of fp32, bf16, fp16")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -140,18 +97,51 @@ class StepBatches:
         return out
 
 
-def load_batch(dataset, indices: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    items = [dataset[i] for i in indices]
-    images = torch.stack([item[0] for item in items]).to(device)
-    labels = torch.tensor([int(item[1]) for item in items], dtype=torch.long, device=device)
-    return images, labels
+class StepPlanSampler(Sampler):
+    """The index lists of the steps still to run, for a DataLoader's `batch_sampler`.
+
+    Step s loads batch_size × (its plan's multiplier) examples from the stream position reached so
+    far, exactly as the loop counts them, so prefetching workers load what the loop will use."""
+
+    def __init__(self, batches: StepBatches, method, seed: int, total_steps: int, step: int, position: int):
+        self.batches, self.method, self.seed = batches, method, seed
+        self.total_steps, self.step, self.position = total_steps, step, position
+
+    def __len__(self) -> int:
+        return max(0, self.total_steps - self.step)
+
+    def __iter__(self):
+        position = self.position
+        for step in range(self.step, self.total_steps):
+            count = self.batches.batch_size * step_plan(self.method, self.seed, step, self.total_steps).multiplier
+            yield self.batches.indices_at(position, count)
+            position += count
+
+
+def step_plan(method, seed: int, step: int, total_steps: int):
+    """Step-level draws (e.g. one patch size for the whole global batch), the same on every process."""
+    return method.plan_step(mix_seed(seed, _PLAN_STREAM, step), step / max(total_steps, 1))
+
+
+class IndexedImages(Dataset):
+    """(image, label, data set index) of each example, what a step's TrainBatch is made of."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        image, label = self.dataset[index]
+        return image, label, index
 
 
 # ------------------------------------------------------------------------------------------------
 # EMA, learning rate
 
 
-def ema_beta(cfg, images_seen: int, batch_size: int) -> float:
+def ema_beta(cfg, images_seen: int, batch_size: float) -> float:
     """EDM's EMA: half-life in images, ramped up to a fraction of the images seen so far."""
     halflife = cfg.ema_halflife_kimg * 1000
     if cfg.ema_rampup > 0:
@@ -174,7 +164,7 @@ def learning_rate(cfg, step: int) -> float:
 
 
 # ------------------------------------------------------------------------------------------------
-# the loop
+# setting a run up
 
 
 def build_dataset(config: RunConfig):
@@ -188,25 +178,42 @@ def build_dataset(config: RunConfig):
     )
 
 
-def prepare_run(config: RunConfig, run_dir: str | Path, resume: bool, overrides: list[str] | None) -> RunConfig:
-    """The config of the run: given (new run) or read back from the run directory (resume)."""
+def prepare_run(config: RunConfig | None, run_dir: str | Path, resume: bool, overrides: list[str] | None) -> RunConfig:
+    """The config of the run: given (new run) or read back from the run directory (resume).
+
+    A resume may change budgets and bookkeeping (RESUMABLE_KEYS); restating an unchanged value (the same
+    --data, say) is fine, changing anything else is refused with the key's name."""
     run_dir = Path(run_dir)
     saved = run_dir / "config.yaml"
-    if resume:
-        if not saved.is_file():
-            raise ConfigError(f"cannot resume: '{run_dir}' has no config.yaml (is it a run directory?)")
-        resumed = load_config(saved)
-        if overrides:
-            for item in overrides:
-                key = item.split("=", 1)[0]
-                if not key.split(".")[0] in ("train", "sample") and key.split(".")[-1] not in (
-                    "steps", "max_minutes", "max_cpu_minutes", "checkpoint_every", "sample_every", "log_every", "device",
-                    "num_workers", "keep_checkpoints",
-                ):
-                    raise ConfigError(f"cannot change '{key}' when resuming; start a new run for that")
-            resumed = apply_overrides(resumed, overrides)
+    if not resume:
+        return config
+    if not saved.is_file():
+        raise ConfigError(f"cannot resume: '{run_dir}' has no config.yaml (is it a run directory?)")
+    resumed = load_config(saved)
+    if not overrides:
         return resumed
-    return config
+    changed = apply_overrides(resumed, overrides)
+    before, after = _flatten(to_dict(resumed)), _flatten(to_dict(changed))
+    for key in after:
+        if after[key] != before.get(key) and not key.startswith("sample.") and key not in RESUMABLE_KEYS:
+            raise ConfigError(
+                f"cannot change '{key}' when resuming (it is {before.get(key)!r} in this run); start a new run for that"
+            )
+    return changed
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+# ------------------------------------------------------------------------------------------------
+# the loop
 
 
 def train(
@@ -217,252 +224,302 @@ def train(
     log=print,
 ) -> TrainResult:
     """Train `config` in `run_dir` (created if needed); with resume=True continue its last checkpoint."""
-    run_dir = Path(run_dir)
-    cfg = config.train
-    device = resolve_device(cfg.device)
-    dist_info = init_distributed(device)
-    if dist_info.enabled and device.type == "cuda":
-        device = torch.device("cuda", dist_info.local_rank)
-        torch.cuda.set_device(device)
-    if cfg.batch_size % dist_info.world_size:
-        raise ConfigError(
-            f"train.batch_size {cfg.batch_size} is not divisible by the {dist_info.world_size} processes"
+    return Trainer(config, Path(run_dir), resume, progress, log).run()
+
+
+class Trainer:
+    """One training run: set up in __init__, then `run()` is the loop, a short sequence of named steps."""
+
+    def __init__(self, config: RunConfig, run_dir: Path, resume: bool, progress: bool, log):
+        self.config, self.cfg, self.run_dir = config, config.train, run_dir
+        self.progress = progress
+        self.device = resolve_device(self.cfg.device)
+        self.dist: Distributed = init_distributed(self.device)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(self.device)
+        self.say = log if self.dist.is_main else (lambda *a, **k: None)
+        if self.cfg.batch_size % self.dist.world_size:
+            raise ConfigError(
+                f"train.batch_size {self.cfg.batch_size} is not divisible by the {self.dist.world_size} processes"
+            )
+        self.amp = autocast_context(self.cfg.precision, self.device)
+
+        self.dataset = build_dataset(config)
+        if len(self.dataset) == 0:
+            raise ConfigError(f"data source '{config.data.source}' holds no images")
+        self.method = build_method(config.method, config.model, config.data.resolution, image_channels=3)
+        if config.data.use_labels and self.method.num_classes == 0:
+            raise ConfigError("data.use_labels is true but the model is unconditional: set model.net.num_classes")
+        self.method.bind_data(len(self.dataset))  # may fill data-dependent model settings (saved with the config)
+
+        torch.manual_seed(mix_seed(self.cfg.seed, 0))
+        self.net = self.method.build_network().to(self.device)
+        self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(
+            self.net.parameters(), lr=self.cfg.lr, betas=self.cfg.betas, weight_decay=self.cfg.weight_decay
         )
-    say = log if dist_info.is_main else (lambda *a, **k: None)
-    amp = autocast_context(cfg.precision, device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.cfg.precision == "fp16" else None
+        # Images counted per step (images seen, EMA): the batch times the method's average multiplier.
+        self.step_images = self.cfg.batch_size * self.method.average_multiplier
+        self.step, self.images_seen, self.data_position = 0, 0, 0
+        if self.dist.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, run_dir / "config.yaml")
+        if resume:
+            self.restore()
+        self.model = self.wrap_model()
+        self.batches = StepBatches(len(self.dataset), self.cfg.batch_size, self.cfg.seed, self.dist.rank,
+                                   self.dist.world_size)
+        self.writer = self.open_writer()
+        self.monitor = None
+        self.last_loss, self.stopped_early = float("nan"), False
+        self.step_cpu_seconds = 0.0  # CPU time inside training steps (not checkpoints, samples, metrics)
 
-    dataset = build_dataset(config)
-    if len(dataset) == 0:
-        raise ConfigError(f"data source '{config.data.source}' holds no images")
-    method = build_method(config.method, config.model, config.data.resolution, image_channels=3)
-    if config.data.use_labels and method.num_classes == 0:
-        raise ConfigError("data.use_labels is true but the model is unconditional: set model.net.num_classes")
-
-    method.bind_data(len(dataset))  # may fill data-dependent model settings (saved with the config below)
-    torch.manual_seed(mix_seed(cfg.seed, 0))
-    net = method.build_network().to(device)
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
-
-    step, images_seen, data_position = 0, 0, 0
-    # Images counted per step (images seen, EMA): the batch times the method's average multiplier.
-    step_images = cfg.batch_size * method.average_multiplier
-    if dist_info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.yaml")
-    if resume:
-        checkpoint = runs.latest_checkpoint(run_dir)
+    # -- set-up pieces -------------------------------------------------------------------------
+    def restore(self) -> None:
+        checkpoint = runs.latest_checkpoint(self.run_dir)
         if checkpoint is None:
-            say(f"WARNING: --resume given but '{run_dir}' has no checkpoint yet; starting from step 0")
-        else:
-            runs.load_into(net, runs.load_weights(checkpoint, "net", device), str(checkpoint.path))
-            runs.load_into(ema, runs.load_weights(checkpoint, "ema", device), str(checkpoint.path))
-            state = runs.load_train_state(checkpoint)
-            optimizer.load_state_dict(state["optimizer"])
-            step, images_seen = int(state["step"]), int(state["images_seen"])
-            data_position = int(state.get("data_position", step * cfg.batch_size))
-            torch.set_rng_state(state["torch_rng"])
-            if device.type == "cuda" and "cuda_rng" in state:
-                torch.cuda.set_rng_state(state["cuda_rng"], device)
-            if scaler is not None and "scaler" in state:
-                scaler.load_state_dict(state["scaler"])
-            say(f"resumed from {checkpoint.path} at step {step} ({images_seen} images seen)")
+            self.say(f"WARNING: --resume given but '{self.run_dir}' has no checkpoint yet; starting from step 0")
+            return
+        runs.load_into(self.net, runs.load_weights(checkpoint, "net", self.device), str(checkpoint.path))
+        runs.load_into(self.ema, runs.load_weights(checkpoint, "ema", self.device), str(checkpoint.path))
+        state = runs.load_train_state(checkpoint)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.images_seen = int(state["step"]), int(state["images_seen"])
+        self.data_position = int(state.get("data_position", self.step * self.cfg.batch_size))
+        torch.set_rng_state(state["torch_rng"])
+        if self.device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        self.say(f"resumed from {checkpoint.path} at step {self.step} ({self.images_seen} images seen)")
 
-    model = net
-    if cfg.compile:
-        model = torch.compile(model)
-    if dist_info.enabled:
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
+    def wrap_model(self) -> nn.Module:
+        model = self.net
+        if self.cfg.compile:
+            model = torch.compile(model)
+        if self.dist.enabled:
+            model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        return model
 
-    batches = StepBatches(len(dataset), cfg.batch_size, cfg.seed, dist_info.rank, dist_info.world_size)
-    writer = None
-    if dist_info.is_main:
+    def open_writer(self):
+        if not self.dist.is_main:
+            return None
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(log_dir=str(run_dir))
-        say(
-            f"training '{config.method}' on {config.data.source} ({len(dataset)} images, "
-            f"{config.data.resolution[1]}x{config.data.resolution[0]}) on {device}"
-            f"{f' × {dist_info.world_size} processes' if dist_info.enabled else ''}; "
-            f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters; run dir {run_dir}"
+        config = self.config
+        self.say(
+            f"training '{config.method}' on {config.data.source} ({len(self.dataset)} images, "
+            f"{config.data.resolution[1]}x{config.data.resolution[0]}) on {self.device}"
+            f"{f' × {self.dist.world_size} processes' if self.dist.enabled else ''}; "
+            f"{sum(p.numel() for p in self.net.parameters()) / 1e6:.2f}M parameters; run dir {self.run_dir}"
+        )
+        return SummaryWriter(log_dir=str(self.run_dir))
+
+    def loader(self) -> DataLoader:
+        """The remaining steps' examples, loaded by `data.num_workers` worker processes (0: in this one)."""
+        workers = self.config.data.num_workers
+        sampler = StepPlanSampler(self.batches, self.method, self.cfg.seed, self.cfg.steps, self.step,
+                                  self.data_position)
+        # Its own generator: a DataLoader draws a worker base seed when iterated, and from the global RNG
+        # that draw would shift dropout's random stream on every resume.
+        return DataLoader(
+            IndexedImages(self.dataset), batch_sampler=sampler, num_workers=workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=False,
+            prefetch_factor=2 if workers > 0 else None,
+            generator=torch.Generator().manual_seed(mix_seed(self.cfg.seed, _DATA_STREAM, -1)),
         )
 
-    def checkpoint_now() -> None:
-        if dist_info.is_main:
-            state = {
-                "optimizer": optimizer.state_dict(),
-                "step": step,
-                "images_seen": images_seen,
-                "data_position": data_position,
-                "torch_rng": torch.get_rng_state(),
-            }
-            if device.type == "cuda":
-                state["cuda_rng"] = torch.cuda.get_rng_state(device)
-            if scaler is not None:
-                state["scaler"] = scaler.state_dict()
-            runs.save_checkpoint(run_dir, step, net.state_dict(), ema.state_dict(), state, keep=cfg.keep_checkpoints)
-            plot_loss(run_dir)
-        if dist_info.enabled:
-            torch.distributed.barrier()
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        start_step, self.start_time = self.step, time.time()
+        bar = self.progress_bar()
+        self.net.train()
+        try:
+            for images, labels, index in self.loader():
+                if self.budget_spent():
+                    break
+                cpu_start = time.process_time()
+                batch, rng = self.training_batch(images, labels, index)
+                grad_norm = self.optimizer_step(batch, rng)
+                self.update_ema()
+                self.step_cpu_seconds += time.process_time() - cpu_start
+                self.log_step(grad_norm, bar)
+                self.periodic_work()
+        except KeyboardInterrupt:
+            if bar is not None:
+                bar.close()
+            self.say(f"interrupted at step {self.step}; writing a checkpoint (continue with --resume)")
+            self.checkpoint()
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+            if self.writer is not None:
+                self.writer.flush()
+                self.writer.close()
+        if self.step > start_step or runs.latest_checkpoint(self.run_dir) is None:
+            self.checkpoint()
+            self.sample_grid()
+        self.say(f"done: step {self.step}, {self.images_seen} images seen, last loss {self.last_loss:.4f}; "
+                 f"run dir {self.run_dir}")
+        return TrainResult(self.run_dir, self.step, self.images_seen, self.last_loss, self.stopped_early)
 
-    def sample_grid_now() -> None:
-        if dist_info.is_main and cfg.sample_images > 0:
-            images = sample_with(method, ema, config, cfg.sample_images, seed0=0, device=device)
-            save_grid(images, run_dir / "samples" / f"step-{step:08d}.png", upscale=max(1, 128 // images.shape[-1]))
-        if dist_info.enabled:
-            torch.distributed.barrier()
-
-    monitor = None
-
-    def measure_now() -> None:
-        """Cheap in-training quality: SWD of EMA samples against real images (opt-in, rank 0)."""
-        nonlocal monitor
-        if dist_info.is_main:
-            if monitor is None:
-                from patchdiffusion.eval.monitor import SWDMonitor
-
-                count = min(cfg.metric_images, len(dataset))
-                reference = torch.stack([dataset[i * len(dataset) // count][0] for i in range(count)])
-                monitor = SWDMonitor(reference, num_images=count, seed=cfg.seed)
-            images = torch.cat([
-                sample_with(method, ema, config, min(64, monitor.num_images - start), seed0=start, device=device)
-                for start in range(0, monitor.num_images, 64)
-            ])
-            metrics = monitor(images)
-            runs.append_metrics(run_dir, {"step": step, "images_seen": images_seen, **metrics})
-            for name, value in metrics.items():
-                writer.add_scalar(f"metrics/{name}", value, step)
-        if dist_info.enabled:
-            torch.distributed.barrier()
-
-    start_step, start_time = step, time.time()
-    step_cpu_seconds = 0.0  # this process's CPU time inside training steps (not checkpoints, samples, metrics)
-    last_loss, stopped_early = float("nan"), False
-    bar = None
-    if progress and dist_info.is_main:
+    def progress_bar(self):
+        if not (self.progress and self.dist.is_main):
+            return None
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
-    net.train()
-    try:
-        while step < cfg.steps:
-            if cfg.max_minutes > 0 and time.time() - start_time > cfg.max_minutes * 60:
-                stopped_early = True
-                say(f"time budget of {cfg.max_minutes} min reached at step {step}")
-                break
-            if cfg.max_cpu_minutes > 0 and step_cpu_seconds > cfg.max_cpu_minutes * 60:
-                stopped_early = True
-                say(f"CPU-time budget of {cfg.max_cpu_minutes} min reached at step {step}")
-                break
-            step_cpu_start = time.process_time()
-            # Step-level draws (e.g. one patch size for the whole global batch), the same on every process.
-            plan = method.plan_step(mix_seed(cfg.seed, _PLAN_STREAM, step), step / cfg.steps)
-            count = cfg.batch_size * plan.multiplier
-            indices = batches.indices_at(data_position, count)
-            images, labels = load_batch(dataset, indices, device)
-            if method.needs_image_index:  # e.g. Patch-DM's per-image codes
-                plan = StepPlan(plan.multiplier, {**plan.options, "image_index": torch.tensor(indices, device=device)})
-            rng = SampleRNG(
-                [mix_seed(cfg.seed, _EXAMPLE_STREAM, step, k) for k in batches.local_positions(count)], device
+        return tqdm(total=self.cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                    file=sys.stderr)
+
+    def budget_spent(self) -> bool:
+        """Wall-time and CPU-time budgets (`max_minutes`, `max_cpu_minutes`), checked before each step."""
+        if self.cfg.max_minutes > 0 and time.time() - self.start_time > self.cfg.max_minutes * 60:
+            self.say(f"time budget of {self.cfg.max_minutes} min reached at step {self.step}")
+        elif self.cfg.max_cpu_minutes > 0 and self.step_cpu_seconds > self.cfg.max_cpu_minutes * 60:
+            self.say(f"CPU-time budget of {self.cfg.max_cpu_minutes} min reached at step {self.step}")
+        else:
+            return False
+        self.stopped_early = True
+        return True
+
+    def training_batch(self, images, labels, index) -> tuple[TrainBatch, SampleRNG]:
+        """The step's examples on the device, flipped per example, with each example's random stream."""
+        plan = step_plan(self.method, self.cfg.seed, self.step, self.cfg.steps)
+        count = self.cfg.batch_size * plan.multiplier
+        rng = SampleRNG(
+            [mix_seed(self.cfg.seed, _EXAMPLE_STREAM, self.step, k) for k in self.batches.local_positions(count)],
+            self.device,
+        )
+        images = images.to(self.device, non_blocking=True)
+        if self.config.data.hflip:
+            flip = (rng.rand() < 0.5).view(-1, 1, 1, 1)
+            images = torch.where(flip, images.flip(-1), images)
+        labels = labels.to(self.device) if self.config.data.use_labels else None
+        self.data_position += count
+        return TrainBatch(images, labels, index.to(self.device), plan), rng
+
+    def optimizer_step(self, batch: TrainBatch, rng: SampleRNG) -> float | None:
+        """Loss, backward, clipping and one AdamW step; returns the gradient norm (None without clipping)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.cfg, self.step)
+        with self.amp:
+            loss = self.method.loss(self.model, batch, rng).float().mean()
+        self.last_loss = self.global_loss(loss)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        grad_norm = None
+        if self.cfg.grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.grad_clip))
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.step += 1
+        self.images_seen = round(self.step * self.step_images)
+        return grad_norm
+
+    def global_loss(self, loss: torch.Tensor) -> float:
+        """The loss averaged over processes; a NaN/inf stops the run before the step is taken."""
+        value = loss.detach().clone()
+        if self.dist.enabled:
+            torch.distributed.all_reduce(value)
+            value /= self.dist.world_size
+        value = float(value)
+        if not math.isfinite(value):
+            latest = runs.latest_checkpoint(self.run_dir)
+            raise TrainingDiverged(
+                f"loss became {value} at step {self.step}; stopped without saving, so the last checkpoint "
+                f"({latest.path if latest else 'none yet'}) is intact. Try a lower train.lr, train.grad_clip, "
+                "or precision=fp32."
             )
-            if config.data.hflip:
-                flip = (rng.rand() < 0.5).view(-1, 1, 1, 1)
-                images = torch.where(flip, images.flip(-1), images)
-            labels = labels if config.data.use_labels else None
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(cfg, step)
+        return value
 
-            with amp:
-                loss = method.loss(model, images, labels, rng, **plan.options).float().mean()
-            loss_value = loss.detach().clone()
-            if dist_info.enabled:
-                torch.distributed.all_reduce(loss_value)
-                loss_value /= dist_info.world_size
-            last_loss = float(loss_value)
-            if not math.isfinite(last_loss):
-                raise TrainingDiverged(
-                    f"loss became {last_loss} at step {step}; stopped without saving, so the last checkpoint "
-                    f"({runs.latest_checkpoint(run_dir).path if runs.latest_checkpoint(run_dir) else 'none yet'}) "
-                    "is intact. Try a lower train.lr, train.grad_clip, or precision=fp32."
-                )
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            grad_norm = None
-            if cfg.grad_clip > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip))
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            data_position += count
-            step += 1
-            images_seen = round(step * step_images)
-            update_ema(ema, net, ema_beta(cfg, images_seen, step_images))
-            step_cpu_seconds += time.process_time() - step_cpu_start
+    def update_ema(self) -> None:
+        update_ema(self.ema, self.net, ema_beta(self.cfg, self.images_seen, self.step_images))
 
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{last_loss:.4f}")
-            if dist_info.is_main and (step % cfg.log_every == 0 or step == cfg.steps):
-                row = {
-                    "step": step, "images_seen": images_seen, "loss": last_loss, "lr": learning_rate(cfg, step - 1),
-                    "seconds": round(time.time() - start_time, 3),
-                    "cpu_seconds": round(step_cpu_seconds, 3),
-                }
-                if grad_norm is not None:
-                    row["grad_norm"] = grad_norm
-                runs.append_metrics(run_dir, row)
-                writer.add_scalar("loss", last_loss, step)
-                writer.add_scalar("lr", row["lr"], step)
-            if cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                checkpoint_now()
-            if cfg.sample_every > 0 and step % cfg.sample_every == 0 and step < cfg.steps:
-                sample_grid_now()
-            if cfg.metric_every > 0 and step % cfg.metric_every == 0:
-                measure_now()
-    except KeyboardInterrupt:
+    def log_step(self, grad_norm: float | None, bar) -> None:
         if bar is not None:
-            bar.close()
-        say(f"interrupted at step {step}; writing a checkpoint (continue with --resume)")
-        checkpoint_now()
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-        if writer is not None:
-            writer.flush()
-            writer.close()
+            bar.update(1)
+            bar.set_postfix(loss=f"{self.last_loss:.4f}")
+        if not self.dist.is_main or (self.step % self.cfg.log_every and self.step != self.cfg.steps):
+            return
+        row = {
+            "step": self.step, "images_seen": self.images_seen, "loss": self.last_loss,
+            "lr": learning_rate(self.cfg, self.step - 1), "seconds": round(time.time() - self.start_time, 3),
+            "cpu_seconds": round(self.step_cpu_seconds, 3),
+        }
+        if grad_norm is not None:
+            row["grad_norm"] = grad_norm
+        runs.append_metrics(self.run_dir, row)
+        self.writer.add_scalar("loss", self.last_loss, self.step)
+        self.writer.add_scalar("lr", row["lr"], self.step)
 
-    if step > start_step or runs.latest_checkpoint(run_dir) is None:
-        checkpoint_now()
-        sample_grid_now()
-    say(f"done: step {step}, {images_seen} images seen, last loss {last_loss:.4f}; run dir {run_dir}")
-    return TrainResult(run_dir, step, images_seen, last_loss, stopped_early)
+    def periodic_work(self) -> None:
+        """Checkpoints, sample grids and SWD checks every so many steps (the final ones come after the loop)."""
+        cfg, step = self.cfg, self.step
+        if cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            self.checkpoint()
+        if cfg.sample_every > 0 and step % cfg.sample_every == 0 and step < cfg.steps:
+            self.sample_grid()
+        if cfg.metric_every > 0 and step % cfg.metric_every == 0:
+            self.measure()
+
+    # -- periodic work ---------------------------------------------------------------------------
+    def checkpoint(self) -> None:
+        if self.dist.is_main:
+            state = {
+                "optimizer": self.optimizer.state_dict(), "step": self.step, "images_seen": self.images_seen,
+                "data_position": self.data_position, "torch_rng": torch.get_rng_state(),
+            }
+            if self.device.type == "cuda":
+                state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+            if self.scaler is not None:
+                state["scaler"] = self.scaler.state_dict()
+            runs.save_checkpoint(self.run_dir, self.step, self.net.state_dict(), self.ema.state_dict(), state,
+                                 keep=self.cfg.keep_checkpoints)
+            plot_loss(self.run_dir)
+        self.dist.barrier()
+
+    def sample_grid(self) -> None:
+        if self.dist.is_main and self.cfg.sample_images > 0:
+            images = sample_images(self.method, self.ema, self.config, self.cfg.sample_images, device=self.device)
+            save_grid(images, self.run_dir / "samples" / f"step-{self.step:08d}.png",
+                      upscale=max(1, 128 // images.shape[-1]))
+        self.dist.barrier()
+
+    def measure(self) -> None:
+        """Cheap in-training quality: SWD of EMA samples against real images (opt-in, rank 0)."""
+        if self.dist.is_main:
+            if self.monitor is None:
+                from patchdiffusion.eval.monitor import SWDMonitor
+
+                count = min(self.cfg.metric_images, len(self.dataset))
+                reference = torch.stack([self.dataset[i * len(self.dataset) // count][0] for i in range(count)])
+                self.monitor = SWDMonitor(reference, num_images=count, seed=self.cfg.seed)
+            images = torch.cat([
+                sample_images(self.method, self.ema, self.config, min(64, self.monitor.num_images - start),
+                              seed0=start, device=self.device)
+                for start in range(0, self.monitor.num_images, 64)
+            ])
+            metrics = self.monitor(images)
+            runs.append_metrics(self.run_dir, {"step": self.step, "images_seen": self.images_seen, **metrics})
+            for name, value in metrics.items():
+                self.writer.add_scalar(f"metrics/{name}", value, self.step)
+        self.dist.barrier()
 
 
-def sample_with(method, net, config: RunConfig, num: int, seed0: int, device, labels=None, **overrides) -> torch.Tensor:
-    """Sample `num` images with seeds seed0.. using the run's sample settings (overridable)."""
-    s = config.sample
-    options = dict(
-        sampler=s.sampler or None, steps=s.num_steps or None, guidance=s.guidance,
-        S_churn=s.S_churn, S_min=s.S_min, S_max=s.S_max, S_noise=s.S_noise, eta=s.eta,
-    )
-    options.update({k: v for k, v in overrides.items() if v is not None})
-    rng = SampleRNG([mix_seed(_SAMPLE_STREAM, seed0 + i) for i in range(num)], device)
-    was_training = net.training
-    net.eval()
-    try:
-        return method.sample(net, rng, labels=labels, **options)
-    finally:
-        net.train(was_training)
+# ------------------------------------------------------------------------------------------------
+# the loss plot
 
 
 def _moving_mean(values: list[float], window: int) -> list[float]:

@@ -3,7 +3,7 @@
 import pytest
 
 from patchdiffusion.config import (
-    ConfigError, RunConfig, apply_overrides, load_config, parse_resolution, save_config, to_dict,
+    ConfigError, RunConfig, apply_overrides, load_config, parse_size, save_config, to_dict,
 )
 
 
@@ -46,11 +46,13 @@ def test_bad_values():
         apply_overrides(RunConfig(), ["steps"])
 
 
-def test_parse_resolution():
-    assert parse_resolution("64") == (64, 64)
-    assert parse_resolution("128x64") == (64, 128)
-    with pytest.raises(ConfigError):
-        parse_resolution("abc")
+def test_parse_size_is_height_width():
+    assert parse_size("64") == (64, 64)
+    assert parse_size("128x64") == (64, 128)  # WxH on the command line -> (height, width)
+    assert parse_size([32, 48]) == (32, 48)  # a pair is (height, width), as config.yaml stores it
+    for bad in ("abc", "0x4", "-8", "4x4x4", "2.5"):
+        with pytest.raises(ConfigError):
+            parse_size(bad)
 
 
 def test_missing_config_file(tmp_path):

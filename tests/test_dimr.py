@@ -20,6 +20,7 @@ from patchdiffusion.nets.tdln import (
 from patchdiffusion.rng import SampleRNG, mix_seed
 from patchdiffusion.sample import load_run
 from patchdiffusion.train import train
+from conftest import batch_of
 
 QUIET = dict(progress=False, log=lambda *a: None)
 TINY = [
@@ -197,7 +198,7 @@ def test_loss_is_the_weighted_sum_over_stages():
     net = method.build_network()
     images = torch.rand(3, 3, 16, 16) * 2 - 1
     seeds = [mix_seed(4, k) for k in range(3)]
-    loss = method.loss(net, images, torch.tensor([1, 2, 3]), SampleRNG(seeds))
+    loss = method.loss(net, batch_of(images, torch.tensor([1, 2, 3])), SampleRNG(seeds))
     # Redo the same draws by hand.
     rng = SampleRNG(seeds)
     labels = method.drop_labels(torch.tensor([1, 2, 3]), rng, 0.1)
@@ -254,7 +255,7 @@ def test_bad_configs_are_refused():
     with pytest.raises(ConfigError, match="training size"):
         method.check_canvas(32, 32)
     with pytest.raises(ConfigError, match="label 12"):
-        method.loss(method.build_network(), torch.zeros(1, 3, 16, 16), torch.tensor([12]), SampleRNG([1]))
+        method.loss(method.build_network(), batch_of(torch.zeros(1, 3, 16, 16), torch.tensor([12])), SampleRNG([1]))
 
 
 # -- training, resume, CLI, latents ---------------------------------------------------------------
@@ -292,7 +293,7 @@ def test_cli_model_flag_and_cfg_scale(tmp_path, capsys):
     assert len(list(out.glob("0*.png"))) == 2 and (out / "grid.png").is_file()
     capsys.readouterr()
     assert main(["train", "--method", "full", "--model", "dimr-tiny", "--run", str(tmp_path / "x"), *args]) == 2
-    assert "needs --method dimr" in capsys.readouterr().err
+    assert "no named architectures for --model (methods that have them: dimr)" in capsys.readouterr().err
     assert main(["train", "--method", "dimr", "--model", "dimr-s", "--run", str(tmp_path / "y"), *args]) == 2
     assert "choose from: dimr-xl-2r, dimr-g-2r, dimr-tiny" in capsys.readouterr().err
 

@@ -12,9 +12,10 @@ from patchdiffusion.config import ConfigError, RunConfig, apply_overrides
 from patchdiffusion.diffusion.schedules import VPSchedule
 from patchdiffusion.methods import build_method
 from patchdiffusion.methods.patch_ddpm import merge_patches, position_one_hot, split_patches
-from patchdiffusion.methods.patch_ddpm_json import load_seed_config
+from patchdiffusion.methods.patch_ddpm.seed_config import load_seed_config
 from patchdiffusion.rng import SampleRNG
 from test_train import TINY
+from conftest import batch_of
 
 SMALL_NET = ["model.net.dim=16", "model.net.dim_mults=[1,2]", "model.net.attn_heads=2", "model.net.attn_dim_head=8"]
 TRAIN = [o for o in TINY if not o.startswith("model.")]  # the training tests' tiny run, our own net
@@ -124,7 +125,7 @@ def test_schedule_and_l1_eps_loss():
     assert float(method.schedule.alphas_cumprod[-1]) < 1e-4
     torch.testing.assert_close(betas, VPSchedule.cosine(1000, s=0.008).betas)
     images = torch.rand(2, 3, 16, 16) * 2 - 1
-    loss = method.loss(net, images, None, SampleRNG([4, 5]))
+    loss = method.loss(net, batch_of(images), SampleRNG([4, 5]))
     # The same draws by hand: t per image, noise per image, L1 between ε̂ of the whole canvas and ε.
     rng = SampleRNG([4, 5])
     t = rng.randint(0, 1000).reshape(2)
@@ -139,10 +140,10 @@ def test_schedule_and_l1_eps_loss():
 def test_sampling_seeds_and_patch_batch_do_not_change_images():
     method, net = make(16, 2)
     a = method.sample(net, SampleRNG([5, 6]), steps=8)
-    b = method.sample(net, SampleRNG([6]), steps=8, patch_batch=1)
+    b = method.sample(net, SampleRNG([6]), steps=8, options={"patch_batch": 1})
     assert a.shape == (2, 3, 16, 16) and torch.isfinite(a).all()
     torch.testing.assert_close(a[1:], b, atol=1e-4, rtol=0)
-    ddim = method.sample(net, SampleRNG([5]), steps=8, sampler="ddim", patch_batch=3)
+    ddim = method.sample(net, SampleRNG([5]), steps=8, sampler="ddim", options={"patch_batch": 3})
     assert ddim.shape == (1, 3, 16, 16)
 
 
@@ -152,8 +153,10 @@ def test_clear_errors():
     with pytest.raises(ConfigError, match="not divisible by 2"):
         make(8, 8)  # 1-pixel patches cannot be downsampled once
     method, net = make(16, 2)
-    with pytest.raises(ConfigError, match="patch-batch"):
-        method.sample(net, SampleRNG([1]), steps=2, patch_batch=-1)
+    with pytest.raises(ConfigError, match="patch_batch must be 0"):
+        method.sample(net, SampleRNG([1]), steps=2, options={"patch_batch": -1})
+    with pytest.raises(ConfigError, match="no sampling option 'patch_bach' \\(did you mean 'patch_batch'"):
+        method.sample(net, SampleRNG([1]), steps=2, options={"patch_bach": 2})
 
 
 def test_cli_train_and_sample(tmp_path, capsys):

@@ -25,6 +25,8 @@ from patchdiffusion.rng import SampleRNG, mix_seed
 from patchdiffusion.sample import load_run
 from patchdiffusion.train import train
 from test_train import TINY as TRAIN_TINY
+from conftest import batch_of
+from patchdiffusion.methods.patch_diffusion import PatchPlan
 
 TINY = [
     "method=patch_diffusion",
@@ -86,8 +88,8 @@ def _frequencies(method, draws=10_000):
     counts = {}
     for s in range(draws):
         plan = method.plan_step(mix_seed(0, 4, s), 0.0)
-        counts[plan.options["patch_size"]] = counts.get(plan.options["patch_size"], 0) + 1
-        assert plan.multiplier == batch_multiplier(plan.options["patch_size"], method.canvas_side)
+        counts[plan.patch_size] = counts.get(plan.patch_size, 0) + 1
+        assert plan.multiplier == batch_multiplier(plan.patch_size, method.canvas_side)
     return {k: v / draws for k, v in counts.items()}
 
 
@@ -164,7 +166,7 @@ def test_network_input_has_coordinates_unscaled():
     # training: the coordinates given to the net are the crop's, unscaled, and the output has C channels
     images = torch.rand(8, 3, 32, 32) * 2 - 1
     rng = SampleRNG([mix_seed(1, k) for k in range(8)])
-    loss = method.loss(rec, images, None, rng, patch_size=8)
+    loss = method.loss(rec, batch_of(images, plan=PatchPlan(patch_size=8)), rng)
     assert loss.shape == (8,)
     x_in, coords = rec.calls[1]
     assert x_in.shape == (8, 3, 8, 8) and coords.shape == (8, 2, 8, 8)

@@ -5,12 +5,13 @@ import pytest
 import torch
 
 from patchdiffusion import run as runs
-from patchdiffusion.codes import LatentCodeConfig, MLPSkipNet, code_frechet_report, load_codes, train_code_model
+from patchdiffusion.methods.patch_dm.codes import LatentCodeConfig, MLPSkipNet, code_frechet_report, load_codes, train_code_model
 from patchdiffusion.config import ConfigError, RunConfig, apply_overrides
 from patchdiffusion.methods import build_method
 from patchdiffusion.nets.collage import CollageUNet, collage, cut_grid, join_grid
 from patchdiffusion.rng import SampleRNG
 from patchdiffusion.train import train
+from conftest import batch_of
 
 TINY_NET = [
     "method=patch_dm", "model.net.patch_size=16", "model.net.model_channels=8", "model.net.channel_mult=[1,2]",
@@ -135,7 +136,7 @@ def test_loss_terms_centre_crop_and_pad_mask(monkeypatch):
 
     images = torch.rand(2, 3, 32, 32) * 2 - 1
     rng_seeds = [5, 6]
-    loss = method.loss(fake_forward, images, None, SampleRNG(rng_seeds), image_index=torch.tensor([0, 1]))
+    loss = method.loss(fake_forward, batch_of(images, index=torch.tensor([0, 1])), SampleRNG(rng_seeds))
     assert captured["mode"] == "both" and captured["grid"] == (2, 2)
     # Rebuild the draws: same order as the loss (t, noise, top, left).
     rng = SampleRNG(rng_seeds)
@@ -175,7 +176,7 @@ def test_guidance_combines_as_the_paper():
 
 def test_init_codes_equal_clip_embeddings(tmp_path):
     from patchdiffusion.cli import main
-    from patchdiffusion.codes import clip_processor
+    from patchdiffusion.methods.patch_dm.codes import clip_processor
     from patchdiffusion.data import open_source
 
     model = tiny_clip(tmp_path / "clip")
@@ -264,9 +265,8 @@ def test_cli_train_codes_and_sample(tmp_path, capsys):
                  "--no-progress"]) == 0
     assert Image.open(out / "000000.png").size == (64, 32)
     assert main(["sample", "--run", str(run), "--size", "48x32", "--num", "1", "--steps", "2", "--out",
-                 str(tmp_path / "reuse"), "--code-from", "3", "--canvas", "disk", "--no-progress"]) == 0
+                 str(tmp_path / "reuse"), "--code-from", "3", "--no-progress"]) == 0
     assert Image.open(tmp_path / "reuse" / "000000.png").size == (48, 32)
-    assert "sampling 1 canvas of 48x32 (2 ddim steps" in capsys.readouterr().out  # count and size announced
     assert main(["sample", "--run", str(run), "--size", "64x64", "--num", "1", "--steps", "3", "--out",
                  str(tmp_path / "moved"), "--grid-shift", "random", "--positions", "none", "--no-progress"]) == 0
     assert Image.open(tmp_path / "moved" / "000000.png").size == (64, 64)

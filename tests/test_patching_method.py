@@ -12,6 +12,7 @@ from patchdiffusion.diffusion.schedules import VPSchedule
 from patchdiffusion.methods import build_method
 from patchdiffusion.methods.patching import PosteriorTables, learned_log_variance, variational_bound_bits
 from patchdiffusion.rng import SampleRNG
+from conftest import batch_of
 
 SMALL_NET = [
     "method=patching", "model.net.model_channels=16", "model.net.channel_mult=[1,2]", "model.net.num_res_blocks=1",
@@ -86,7 +87,7 @@ def test_loss_trains_both_heads():
     torch.manual_seed(0)
     net = method.build_network()
     images = torch.rand(2, 3, 16, 16) * 2 - 1
-    loss = method.loss(net, images, None, SampleRNG([1, 2]))
+    loss = method.loss(net, batch_of(images), SampleRNG([1, 2]))
     assert loss.shape == (2,) and torch.isfinite(loss).all()
     loss.mean().backward()
     # The mean head and the variance head both get gradients (the mean head is zero-initialised, so look at its conv)

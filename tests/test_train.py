@@ -47,14 +47,16 @@ def assert_same(a, b, atol=0.0):
             torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
 
 
-def test_exact_resume(tmp_path):
-    """N steps + resume + N steps == 2N steps in one go, bitwise (net, EMA and optimizer)."""
+@pytest.mark.parametrize("workers", [0, 2])
+def test_exact_resume(tmp_path, workers):
+    """N steps + resume + N steps == 2N steps in one go, bitwise (net, EMA and optimizer), also when the
+    resumed half loads its data in DataLoader worker processes."""
     one_go = tmp_path / "one"
     train(tiny_config("train.steps=6", "model.net.dropout=0.1"), one_go, progress=False, log=lambda *a: None)
     split = tmp_path / "split"
     train(tiny_config("train.steps=3", "model.net.dropout=0.1"), split, progress=False, log=lambda *a: None)
     messages = []
-    config = tiny_config("train.steps=6", "model.net.dropout=0.1")
+    config = tiny_config("train.steps=6", "model.net.dropout=0.1", f"data.num_workers={workers}")
     train(config, split, resume=True, progress=False, log=messages.append)
     assert any("resumed from" in m and "at step 3" in m for m in messages)
     assert_same(weights(one_go, "net"), weights(split, "net"))
@@ -119,9 +121,9 @@ def test_nan_loss_stops_with_clear_message(tmp_path, monkeypatch):
     real_loss = FullImageMethod.loss
     calls = {"n": 0}
 
-    def loss_turning_nan(self, net, images, labels, rng):
+    def loss_turning_nan(self, net, batch, rng):
         calls["n"] += 1
-        value = real_loss(self, net, images, labels, rng)
+        value = real_loss(self, net, batch, rng)
         return value * float("nan") if calls["n"] > 3 else value
 
     monkeypatch.setattr(FullImageMethod, "loss", loss_turning_nan)
@@ -148,7 +150,8 @@ def test_loss_goes_down(tmp_path):
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
 def test_ddp_two_processes_match_one(tmp_path):
-    """2 torchrun processes (gloo, CPU) give the weights of 1 process at the same global batch."""
+    """2 torchrun processes (gloo, CPU), each loading data with 2 DataLoader workers, give the weights of 1
+    process (no workers) at the same global batch."""
     args = [a for a in TINY] + ["train.steps=3", "train.batch_size=4"]
     single = tmp_path / "single"
     double = tmp_path / "double"
@@ -158,7 +161,8 @@ def test_ddp_two_processes_match_one(tmp_path):
     torchrun = [
         "torchrun", "--standalone", "--nproc_per_node", "2", "-m", "patchdiffusion.cli", "train", "--no-progress",
     ]
-    result = subprocess.run(torchrun + ["--run-dir", str(double)] + args, env=env, capture_output=True, text=True)
+    result = subprocess.run(torchrun + ["--run-dir", str(double)] + args + ["data.num_workers=2"], env=env,
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same(weights(single, "net"), weights(double, "net"), atol=1e-5)
     assert_same(weights(single, "ema"), weights(double, "ema"), atol=1e-5)

@@ -3,6 +3,7 @@
 Noise levels are EDM's sigma everywhere (``x = x0 + sigma * n``); see docs/architecture.md.
 """
 
+from . import parameterization
 from .guidance import ClassifierFreeGuidance, guided
 from .losses import DDPMLoss, EDMLoss, ddpm_loss_weight, edm_loss_weight
 from .precond import (

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..rng import SampleRNG
+from . import parameterization
 from .schedules import VPSchedule
 
 __all__ = ["edm_loss_weight", "EDMLoss", "ddpm_loss_weight", "DDPMLoss"]
@@ -45,9 +46,9 @@ class EDMLoss:
         rnd_normal = rng.randn(*ones, dtype=images.dtype).to(images.device)  # (B, 1, 1, 1)
         sigma = (rnd_normal * self.P_std + self.P_mean).exp()
         weight = edm_loss_weight(sigma, self.sigma_data)
-        # Noise the images and denoise them.
-        n = rng.randn_like(images).to(images.device) * sigma
-        D_yn = _first(denoiser(images + n, sigma.reshape(B), **cond))
+        # Noise the images (y + n, n ~ N(0, sigma^2 I)) and denoise them.
+        noise = rng.randn_like(images).to(images.device)
+        D_yn = _first(denoiser(parameterization.diffuse(images, noise, 1.0, sigma), sigma.reshape(B), **cond))
         return weight * (D_yn - images) ** 2
 
 
@@ -142,10 +143,10 @@ class DDPMLoss:
         alpha, sigma = alpha_bar.sqrt().to(**like), (1 - alpha_bar).sqrt().to(**like)
         alpha_bar, weight, t = alpha_bar.to(**like), weight.to(**like), t.to(images.device)
         # Diffuse: x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps (Ho et al. 2020, eq. 4).
-        x_t = alpha * images + sigma * noise
+        x_t = parameterization.diffuse(images, noise, alpha, sigma)
         output = net(x_t, t.to(torch.promote_types(images.dtype, torch.float32)), **cond)  # t as a float label
         prediction = output[:, :C] if output.shape[1] == 2 * C else output
-        target = {"eps": noise, "x0": images, "v": alpha * noise - sigma * images}[self.prediction]
+        target = parameterization.prediction_target(self.prediction, images, noise, alpha, sigma)
         err = prediction - target
         loss = err.square() if self.loss_type == "l2" else err.abs()
         loss = weight * loss

@@ -15,6 +15,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import parameterization
+from .parameterization import (  # re-exported: the conversions are part of this module's public surface
+    edm_coefficients,
+    eps_to_x0,
+    v_to_eps,
+    v_to_x0,
+    vp_coefficients,
+    x0_to_eps,
+    x0_to_v,
+)
 from .schedules import VPSchedule
 
 __all__ = [
@@ -56,23 +66,6 @@ def _sigma_like(sigma, x: torch.Tensor) -> torch.Tensor:
     return sigma.reshape(x.shape[0], *([1] * (x.ndim - 1)))
 
 
-# ----------------------------------------------------------------------------------------------
-# EDM preconditioning, Karras et al. 2022, Table 1 ("Network and preconditioning", EDM column):
-#   c_skip = sigma_d^2 / (sigma^2 + sigma_d^2)        c_out = sigma sigma_d / sqrt(sigma^2 + sigma_d^2)
-#   c_in   = 1 / sqrt(sigma^2 + sigma_d^2)             c_noise = ln(sigma) / 4
-
-
-def edm_coefficients(sigma, sigma_data: float = 0.5):
-    """(c_skip, c_out, c_in, c_noise) of EDM's preconditioning (Karras et al. 2022, Table 1, eq. 7).
-    ``sigma`` is a tensor (any shape); the four results have its shape."""
-    sigma = torch.as_tensor(sigma)
-    c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
-    c_out = sigma * sigma_data / (sigma**2 + sigma_data**2).sqrt()
-    c_in = 1 / (sigma**2 + sigma_data**2).sqrt()
-    c_noise = sigma.log() / 4
-    return c_skip, c_out, c_in, c_noise
-
-
 class EDMPrecond(nn.Module):
     """EDM's denoiser D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) (Karras et al. 2022, eq. 7).
 
@@ -89,49 +82,13 @@ class EDMPrecond(nn.Module):
         dtype = _mix_dtype(x)
         x = x.to(dtype)
         sigma = _sigma_like(sigma, x)  # (B, 1, 1, 1)
-        c_skip, c_out, c_in, c_noise = edm_coefficients(sigma, self.sigma_data)
+        c_skip, c_out, c_in, c_noise = parameterization.edm_coefficients(sigma, self.sigma_data)
         F_x = self.net((c_in * x).to(_net_dtype(self.net, dtype)), c_noise.flatten(), **cond)
-        return c_skip * x + c_out * F_x.to(dtype)
+        return parameterization.edm_x0(x, F_x.to(dtype), c_skip, c_out)
 
 
 # ----------------------------------------------------------------------------------------------
-# Parameterisations of a VP model, x_t = alpha x0 + sigma eps with alpha^2 + sigma^2 = 1
-# (alpha = sqrt(alpha_bar), sigma = sqrt(1 - alpha_bar); Ho et al. 2020 eq. 4, and the velocity
-# v = alpha eps - sigma x0 of Salimans & Ho 2022, §4 and Appendix D).
-# Here `sigma` is the VP noise scale, not EDM's sigma; `vp_coefficients` converts.
-
-
-def vp_coefficients(sigma):
-    """(alpha, sigma_vp) of the VP point equivalent to EDM's sigma: alpha = 1/sqrt(1 + sigma^2),
-    sigma_vp = sigma/sqrt(1 + sigma^2) (so x_vp = alpha x and alpha^2 = alpha_bar)."""
-    sigma = torch.as_tensor(sigma)
-    alpha = 1 / (1 + sigma**2).sqrt()
-    return alpha, sigma * alpha
-
-
-def eps_to_x0(x_t, eps, alpha, sigma):
-    """x0 = (x_t - sigma eps) / alpha  (Ho et al. 2020, eq. 4 solved for x0)."""
-    return (x_t - sigma * eps) / alpha
-
-
-def x0_to_eps(x_t, x0, alpha, sigma):
-    """eps = (x_t - alpha x0) / sigma  (Ho et al. 2020, eq. 4 solved for eps)."""
-    return (x_t - alpha * x0) / sigma
-
-
-def v_to_x0(x_t, v, alpha, sigma):
-    """x0 = alpha x_t - sigma v  (Salimans & Ho 2022, §4; needs alpha^2 + sigma^2 = 1)."""
-    return alpha * x_t - sigma * v
-
-
-def x0_to_v(x_t, x0, alpha, sigma):
-    """v = alpha eps - sigma x0 = (alpha x_t - x0) / sigma  (Salimans & Ho 2022, §4)."""
-    return (alpha * x_t - x0) / sigma
-
-
-def v_to_eps(x_t, v, alpha, sigma):
-    """eps = sigma x_t + alpha v  (Salimans & Ho 2022, Appendix D; needs alpha^2 + sigma^2 = 1)."""
-    return sigma * x_t + alpha * v
+# A discrete-time VP network as a denoiser (its identities are in parameterization.py).
 
 
 class DiscretePrecond(nn.Module):
@@ -169,7 +126,7 @@ class DiscretePrecond(nn.Module):
         dtype = _mix_dtype(x)
         x = x.to(dtype)
         sigma = _sigma_like(sigma, x)  # (B, 1, 1, 1)
-        alpha, sigma_vp = vp_coefficients(sigma)
+        alpha, sigma_vp = parameterization.vp_coefficients(sigma)
         x_vp = alpha * x  # the same point in VP coordinates
         t = self.schedule.sigma_to_t(sigma.flatten())  # (B,) continuous timestep labels
         out = self.net(x_vp.to(_net_dtype(self.net, dtype)), t, **cond).to(dtype)
@@ -179,12 +136,7 @@ class DiscretePrecond(nn.Module):
             if out.shape[1] != 2 * C:
                 raise ValueError(f"learned variance needs {2 * C} output channels, got {out.shape[1]}")
             out, v = out[:, :C], out[:, C:]
-        if self.prediction == "eps":
-            x0 = eps_to_x0(x_vp, out, alpha, sigma_vp)
-        elif self.prediction == "v":
-            x0 = v_to_x0(x_vp, out, alpha, sigma_vp)
-        else:
-            x0 = out
+        x0 = parameterization.x0_from_prediction(self.prediction, x_vp, out, alpha, sigma_vp)
         if self.clip_x0:
             x0 = x0.clamp(-1, 1)
         return (x0, v) if self.learned_variance else x0

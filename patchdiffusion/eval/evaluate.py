@@ -255,7 +255,7 @@ def evaluate(
     images: str | os.PathLike, ref: str | os.PathLike | None, options: EvalOptions | None = None
 ) -> EvalReport:
     """Evaluate `images` against `ref` with the metrics in `options` (see the module docstring)."""
-    from patchdiffusion.train import resolve_device
+    from patchdiffusion.runtime import resolve_device
 
     options = options or EvalOptions()
     metrics = parse_metrics(options.metrics)
@@ -420,7 +420,7 @@ def make_reference(
     workers: int = 0, progress: bool = True,
 ) -> tuple[Path, int, InceptionDetector]:
     """Inception statistics of a data set, written to `dest` (.npz) for `evaluate(..., ref=dest)`."""
-    from patchdiffusion.train import resolve_device
+    from patchdiffusion.runtime import resolve_device
 
     from .reference import save_reference
 

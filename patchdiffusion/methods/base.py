@@ -4,26 +4,38 @@ A method answers one question: what does the network see, and how are its output
 together? It owns
   * how a batch of training images becomes network inputs, conditioning and a loss (`loss`), and
   * how the trained network becomes a denoiser over a whole canvas (`denoiser`), which any sampler
-    in `diffusion/samplers.py` can then drive (`sample`).
+    in `diffusion/samplers.py` can then drive (`sample`);
+and it declares what the generic layers need to know about it: its model config (`Config`), its own
+sampling options (`SampleOptions`, shown by `patchdiff sample --help`), named starting configs
+(`presets`), named architectures (`architectures`, `--model NAME`), config files in a foreign format
+(`read_config_file`) and its own command-line tools (`commands`). The CLI, the training loop and
+sampling name no method: they only talk to this interface.
 Methods hold no weights; the network they build is trained by the one loop in `train.py`.
 """
 
 from __future__ import annotations
 
 import abc
+import dataclasses
+import difflib
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
 
-from patchdiffusion.config import ConfigError
 from patchdiffusion.diffusion.samplers import get_sampler
 from patchdiffusion.diffusion.schedules import schedule_from_name
+from patchdiffusion.errors import ConfigError
 from patchdiffusion.rng import SampleRNG
 
 Denoiser = Callable[..., Any]
+
+# Sampler parameters that every sampler has and that the sampling code fills in itself.
+_SAMPLER_PLUMBING = ("denoiser", "x", "sigmas", "extra_args", "noise_fn", "callback", "progress", "start",
+                     "previous_denoised")
 
 
 def discrete_schedule(config: Any):
@@ -46,26 +58,79 @@ def clipped(denoiser: Denoiser) -> Denoiser:
     return clipped_denoiser
 
 
+def sampler_option_names(sampler: str) -> list[str]:
+    """The options a sampler accepts beyond the common plumbing (e.g. heun: S_churn, S_min, S_max, S_noise)."""
+    parameters = inspect.signature(get_sampler(sampler)).parameters
+    return [name for name in parameters if name not in _SAMPLER_PLUMBING]
+
+
+def check_sampler_options(sampler: str, options: dict) -> None:
+    """One clear line for an option the sampler does not take (a misspelling or the wrong sampler)."""
+    accepted = sampler_option_names(sampler)
+    for key in options:
+        if key not in accepted:
+            close = difflib.get_close_matches(key, accepted, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            known = ", ".join(accepted) if accepted else "none"
+            raise ConfigError(f"sampler '{sampler}' has no option '{key}'{hint}; its options: {known}")
+
+
+@dataclass(frozen=True)
+class NoSampleOptions:
+    """A method without sampling options of its own."""
+
+
 @dataclass(frozen=True)
 class StepPlan:
-    """What one training step looks like, drawn once for the whole global batch (all processes alike)."""
+    """What one training step looks like, drawn once for the whole global batch (all processes alike).
+
+    A method with step-level choices (Patch Diffusion's patch size) returns its own subclass; the
+    training loop only reads `multiplier`."""
 
     multiplier: int = 1  # the step loads batch_size × multiplier examples (e.g. more, smaller patches)
-    options: dict = field(default_factory=dict)  # keyword arguments for `loss` (e.g. the patch size)
+
+
+@dataclass
+class TrainBatch:
+    """One training step's examples as the loss sees them."""
+
+    images: torch.Tensor  # (B, C, H, W) in [-1, 1], already flipped
+    labels: torch.Tensor | None  # (B,) class labels when the run uses them
+    index: torch.Tensor  # (B,) each example's data set index (Patch-DM looks up per-image codes)
+    plan: StepPlan  # the step's plan (the method's own StepPlan subclass)
+
+
+@dataclass(frozen=True)
+class Command:
+    """A method's own command-line tool, `patchdiff NAME ...` (e.g. Patch-DM's train-codes).
+
+    `name` may hold a space for a tool under a group ("patchdm init-codes")."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[Any], None]  # (argparse parser) -> None
+    run: Callable[[Any], int]  # (parsed arguments) -> exit code
 
 
 class Method(abc.ABC):
     name: ClassVar[str]
     Config: ClassVar[type]
+    SampleOptions: ClassVar[type] = NoSampleOptions  # frozen dataclass; its field metadata "help" feeds --help
     default_sampler: ClassVar[str] = "heun"
     default_steps: ClassVar[int] = 18
     clip_denoised: ClassVar[bool] = False  # clamp x0_hat to [-1, 1] after guidance (DDPM's clip_denoised)
-    needs_image_index: ClassVar[bool] = False  # the loss takes image_index= (each example's data set index)
+    # name -> (what it is for, key=value overrides); `patchdiff train --preset NAME`
+    presets: ClassVar[dict[str, tuple[str, list[str]]]] = {}
+    # named network architectures, `patchdiff train --model NAME` (see `architecture_overrides`)
+    architectures: ClassVar[tuple[str, ...]] = ()
+    config_suffixes: ClassVar[tuple[str, ...]] = ()  # foreign config files this method reads (`read_config_file`)
+    commands: ClassVar[tuple[Command, ...]] = ()
 
     def __init__(self, config: Any, resolution: tuple[int, int], image_channels: int = 3):
         self.config = config
         self.resolution = tuple(resolution)  # (height, width) of training images
         self.image_channels = image_channels
+        self.run_dir: Path | None = None
         self.validate()
 
     # -- to be provided by each method -------------------------------------------------------
@@ -81,12 +146,13 @@ class Method(abc.ABC):
         """A freshly initialised network (weights drawn from the current torch RNG)."""
 
     @abc.abstractmethod
-    def loss(self, net: nn.Module, images: torch.Tensor, labels: torch.Tensor | None, rng: SampleRNG) -> torch.Tensor:
+    def loss(self, net: nn.Module, batch: TrainBatch, rng: SampleRNG) -> torch.Tensor:
         """Per-example training loss, shape (B,); every random draw comes from `rng`."""
 
     @abc.abstractmethod
-    def denoiser(self, net: nn.Module) -> Denoiser:
-        """A whole-canvas denoiser D(x, sigma, **cond) -> x0_hat built around the trained net."""
+    def denoiser(self, net: nn.Module, options: Any = None) -> Denoiser:
+        """A whole-canvas denoiser D(x, sigma, **cond) -> x0_hat built around the trained net.
+        `options`: the method's SampleOptions (None = defaults)."""
 
     @abc.abstractmethod
     def sampling_sigmas(self, steps: int) -> torch.Tensor:
@@ -95,6 +161,11 @@ class Method(abc.ABC):
     def bind_data(self, num_images: int) -> None:
         """Called by the training loop with the training set's size, before the network is built
         (Patch-DM sizes its per-image code table with it)."""
+
+    def attach_run(self, run_dir: str | Path) -> None:
+        """Called when a trained run is loaded, so a method can find what it keeps beside the
+        checkpoints (Patch-DM's latent code model)."""
+        self.run_dir = Path(run_dir)
 
     def plan_step(self, seed: int, progress: float) -> StepPlan:
         """Step-level random choices from `seed` (fixed by the run seed and step); `progress` in [0, 1)."""
@@ -105,9 +176,36 @@ class Method(abc.ABC):
         """E[plan.multiplier]: images counted per batch slot for images seen and the EMA half-life."""
         return 1.0
 
+    @classmethod
+    def architecture_overrides(cls, name: str) -> list[str]:
+        """The key=value overrides of the named architecture (`--model NAME`)."""
+        from patchdiffusion.registry import method_classes
+
+        others = [c.name for c in method_classes() if c.architectures]
+        raise ConfigError(f"method '{cls.name}' has no named architectures for --model "
+                          f"(methods that have them: {', '.join(others) or 'none'})")
+
+    @classmethod
+    def read_config_file(cls, path: Path) -> tuple[Any, Path | None]:
+        """A RunConfig (and the run directory it names, if any) from a foreign config file."""
+        raise ConfigError(f"method '{cls.name}' reads no '{path.suffix}' config files")
+
     # -- shared ------------------------------------------------------------------------------
     def check_canvas(self, height: int, width: int) -> None:
         """Raise ConfigError when the method cannot sample a canvas of this size."""
+
+    @classmethod
+    def make_options(cls, values: dict | None = None) -> Any:
+        """The method's SampleOptions from a mapping; an unknown name is one clear line."""
+        values = dict(values or {})
+        names = [f.name for f in dataclasses.fields(cls.SampleOptions)]
+        for key in values:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                known = ", ".join(names) if names else "none"
+                raise ConfigError(f"method '{cls.name}' has no sampling option '{key}'{hint}; its options: {known}")
+        return cls.SampleOptions(**values)
 
     def sample(
         self,
@@ -115,38 +213,39 @@ class Method(abc.ABC):
         rng: SampleRNG,
         height: int | None = None,
         width: int | None = None,
+        *,
         labels: torch.Tensor | None = None,
         sampler: str | None = None,
         steps: int | None = None,
         guidance: float = 1.0,
+        sampler_options: dict | None = None,
+        options: Any = None,
         progress: bool = False,
         callback: Callable[[dict], None] | None = None,
-        cond: dict | None = None,
-        **options: Any,
     ) -> torch.Tensor:
         """Draw len(rng) images (B, C, H, W) in [-1, 1]; image i depends only on rng's seed i.
 
-        `cond` replaces the conditioning built from `labels` (a method with its own, e.g. Patch-DM's codes)."""
+        sampler_options: options of the sampler (e.g. S_churn for heun); one it does not take is an
+        error. options: the method's SampleOptions (or a mapping of them)."""
         height = height or self.resolution[0]
         width = width or self.resolution[1]
         self.check_canvas(height, width)
         sampler = sampler or self.default_sampler
         sampler_fn = get_sampler(sampler)
+        check_sampler_options(sampler, sampler_options or {})
+        options = options if isinstance(options, self.SampleOptions) else self.make_options(options)
         sigmas = self.sampling_sigmas(steps or self.default_steps).to(rng.device)
-        if cond is None:
-            cond = self.sampling_condition(labels, len(rng), rng.device)
-        denoiser = self.denoiser(net)
+        cond = self.sampling_condition(net, rng, labels, options)
+        denoiser = self.denoiser(net, options)
         if guidance != 1.0:
             denoiser = self.guided(denoiser, guidance)
         if self.clip_denoised:
             denoiser = clipped(denoiser)
         x = rng.randn(*self.canvas_shape(height, width)) * sigmas[0]
-        accepted = inspect.signature(sampler_fn).parameters
-        options = {k: v for k, v in {**self.sampler_defaults(sampler), **options}.items() if k in accepted}
         with torch.no_grad():
             out = sampler_fn(
                 denoiser, x, sigmas, extra_args=cond, noise_fn=rng.randn_like, callback=callback,
-                progress=progress, **options,
+                progress=progress, **{**self.sampler_defaults(sampler), **(sampler_options or {})},
             )
         return self.decode(out)
 
@@ -162,12 +261,15 @@ class Method(abc.ABC):
         """Options this method always passes to `sampler` (e.g. the learned variance for DDPM)."""
         return {}
 
-    def sampling_condition(self, labels: torch.Tensor | None, batch: int, device: torch.device) -> dict:
+    def sampling_condition(self, net: nn.Module, rng: SampleRNG, labels: torch.Tensor | None, options: Any) -> dict:
+        """The conditioning keywords of the denoiser for len(rng) images (class labels; Patch-DM: codes)."""
         if self.num_classes == 0:
+            if labels is not None:
+                raise ConfigError("class labels were given but the model is unconditional (model.net.num_classes = 0)")
             return {}
         if labels is None:
-            labels = torch.full((batch,), self.num_classes, dtype=torch.long)  # the null label: unconditional
-        return {"class_labels": labels.to(device)}
+            labels = torch.full((len(rng),), self.num_classes, dtype=torch.long)  # the null label: unconditional
+        return {"class_labels": labels.to(rng.device)}
 
     def guided(self, denoiser: Denoiser, scale: float) -> Denoiser:
         if self.num_classes == 0:

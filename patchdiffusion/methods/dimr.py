@@ -30,9 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from patchdiffusion.config import ConfigError, to_dict
+from patchdiffusion.config import to_dict
+from patchdiffusion.diffusion import parameterization
 from patchdiffusion.diffusion.precond import DiscretePrecond
-from patchdiffusion.methods.base import Method, discrete_schedule
+from patchdiffusion.errors import ConfigError
+from patchdiffusion.methods.base import Method, TrainBatch, discrete_schedule
 from patchdiffusion.methods.latent_space import LatentSpaceMixin
 from patchdiffusion.nets.dimr import DIMR_PRESETS, DiMRNet, DiMRNetConfig, check_dimr_config, dimr_config
 from patchdiffusion.rng import SampleRNG
@@ -48,19 +50,6 @@ class DiMRConfig:
     latent: bool = False                 # train on VAE latents (needs vae_path and net.in_channels = latent channels)
     vae_path: str = ""                   # local diffusers AutoencoderKL directory (save_pretrained layout)
     latent_cache: str = ""               # directory caching each image's encoder Gaussian ("" = encode every step)
-
-
-def model_names() -> list[str]:
-    return list(DIMR_PRESETS)
-
-
-def model_override(name: str, method: str) -> str:
-    """The `model.net=...` override of `patchdiff train --model NAME` (JSON is YAML flow syntax)."""
-    if method != "dimr":
-        raise ConfigError(f"--model picks a DiMR architecture; it needs --method dimr (the method is '{method}')")
-    if name not in DIMR_PRESETS:
-        raise ConfigError(f"unknown --model '{name}' (choose from: {', '.join(DIMR_PRESETS)})")
-    return "model.net=" + json.dumps(to_dict(dimr_config(name)))
 
 
 def multi_scale_targets(noise: torch.Tensor, sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
@@ -93,6 +82,24 @@ class DiMRMethod(LatentSpaceMixin, Method):
     Config = DiMRConfig
     default_sampler = "dpmpp_2m"
     default_steps = 50                   # the reference's in-training FID setting (final FID: 250 steps)
+    architectures = tuple(DIMR_PRESETS)  # --model NAME
+    presets = {
+        "dimr-tiny-digits": (
+            "DiMR-tiny (1.4M) class-conditional on builtin:digits at 16² for a CPU "
+            "(benchmarks/dimr_class_conditioning.py); DPM-Solver++(2M) 25 steps, guidance 6",
+            ["--model=dimr-tiny", "data.source=builtin:digits", "data.resolution=16", "data.use_labels=true",
+             "data.hflip=false", "train.batch_size=32", "train.lr=2e-3", "train.betas=[0.9,0.99]",
+             "train.weight_decay=0.03", "train.warmup_steps=50", "train.ema_halflife_kimg=2", "train.ema_rampup=0.2",
+             "train.steps=2500", "train.sample_images=20", "sample.num_steps=25", "sample.guidance=6"],
+        ),
+    }
+
+    @classmethod
+    def architecture_overrides(cls, name: str) -> list[str]:
+        """`--model NAME`: the whole `model.net` of a named architecture (JSON is YAML flow syntax)."""
+        if name not in DIMR_PRESETS:
+            raise ConfigError(f"unknown --model '{name}' (choose from: {', '.join(DIMR_PRESETS)})")
+        return ["model.net=" + json.dumps(to_dict(dimr_config(name)))]
 
     def __init__(self, config, resolution, image_channels=3):
         super().__init__(config, resolution, image_channels)
@@ -142,8 +149,8 @@ class DiMRMethod(LatentSpaceMixin, Method):
     def build_network(self) -> DiMRNet:
         return DiMRNet(dataclasses.replace(self.config.net, canvas=self.canvas_size))
 
-    def loss(self, net, images, labels, rng: SampleRNG) -> torch.Tensor:
-        cfg = self.config
+    def loss(self, net, batch: TrainBatch, rng: SampleRNG) -> torch.Tensor:
+        cfg, images, labels = self.config, batch.images, batch.labels
         if cfg.latent:
             codec = self.codec(images.device)
             mean, std = codec.moments(images)
@@ -155,13 +162,14 @@ class DiMRMethod(LatentSpaceMixin, Method):
         t = rng.randint(0, self.schedule.num_timesteps).reshape(B).cpu()
         noise = rng.randn_like(images).to(images.device)
         alpha_bar = self.schedule.alphas_cumprod[t].reshape(shape).to(images.device, images.dtype)
-        x_t = alpha_bar.sqrt() * images + (1 - alpha_bar).sqrt() * noise
+        x_t = parameterization.diffuse(images, noise, alpha_bar.sqrt(), (1 - alpha_bar).sqrt())
         cond = {} if labels is None else {"class_labels": labels}
         outputs = net(x_t, t.to(images.device, torch.promote_types(images.dtype, torch.float32)), **cond)
         if not isinstance(outputs, (list, tuple)):
             outputs = [outputs]
         weights = cfg.loss_weights[-len(outputs):]
-        targets = multi_scale_targets(noise, [tuple(o.shape[-2:]) for o in outputs])
+        target = parameterization.prediction_target("eps", images, noise, None, None)
+        targets = multi_scale_targets(target, [tuple(o.shape[-2:]) for o in outputs])
         # Σ_k c_k · mean over elements of (ε̂_k − ε_k)², per example (the reference's LSimple).
         return sum(c * (o.float() - e.float()).square().flatten(1).mean(1) for c, o, e in zip(weights, outputs, targets))
 
@@ -178,7 +186,7 @@ class DiMRMethod(LatentSpaceMixin, Method):
         return self.drop_labels(labels, rng, self.config.label_dropout)
 
     # -- sampling ----------------------------------------------------------------------------
-    def denoiser(self, net):
+    def denoiser(self, net, options=None):
         return DiscretePrecond(FinalOutput(net), self.schedule, prediction="eps")
 
     def sampling_sigmas(self, steps: int) -> torch.Tensor:

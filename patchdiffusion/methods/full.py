@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from patchdiffusion.config import ConfigError
 from patchdiffusion.diffusion.losses import EDMLoss
 from patchdiffusion.diffusion.precond import EDMPrecond
 from patchdiffusion.diffusion.schedules import edm_sigmas
-from patchdiffusion.methods.base import Method
+from patchdiffusion.errors import ConfigError
+from patchdiffusion.methods.base import Method, TrainBatch
 from patchdiffusion.nets.unet import UNet, UNetConfig
 from patchdiffusion.rng import SampleRNG
 
@@ -78,17 +78,17 @@ class FullImageMethod(Method):
         # The nominal resolution (which picks the attention levels) is the training resolution.
         return UNet(dataclasses.replace(self.config.net, resolution=min(self.resolution)))
 
-    def loss(self, net, images, labels, rng: SampleRNG) -> torch.Tensor:
+    def loss(self, net, batch: TrainBatch, rng: SampleRNG) -> torch.Tensor:
         cfg = self.config
         edm_loss = EDMLoss(P_mean=cfg.P_mean, P_std=cfg.P_std, sigma_data=cfg.sigma_data)
         cond = {}
-        labels = self.drop_labels(labels, rng, cfg.label_dropout)
+        labels = self.drop_labels(batch.labels, rng, cfg.label_dropout)
         if labels is not None:
             cond["class_labels"] = labels
-        per_element = edm_loss(EDMPrecond(net, sigma_data=cfg.sigma_data), images, rng, **cond)
+        per_element = edm_loss(EDMPrecond(net, sigma_data=cfg.sigma_data), batch.images, rng, **cond)
         return per_element.flatten(1).mean(1)
 
-    def denoiser(self, net):
+    def denoiser(self, net, options=None):
         return EDMPrecond(net, sigma_data=self.config.sigma_data)
 
     def sampling_sigmas(self, steps: int) -> torch.Tensor:

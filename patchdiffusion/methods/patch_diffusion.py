@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from patchdiffusion.config import ConfigError
 from patchdiffusion.diffusion.losses import EDMLoss
 from patchdiffusion.diffusion.precond import EDMPrecond
-from patchdiffusion.methods.base import Method, StepPlan
+from patchdiffusion.errors import ConfigError
+from patchdiffusion.methods.base import Method, StepPlan, TrainBatch
 from patchdiffusion.methods.full import EDMSettings, check_divisible, edm_sampling_sigmas
 from patchdiffusion.methods.latent_space import LatentSpaceMixin
 from patchdiffusion.nets.unet import UNet, UNetConfig
@@ -47,6 +47,13 @@ class PatchDiffusionConfig(EDMSettings):
     latent: bool = False                 # train on VAE latents (needs vae_path and net in/out_channels = latent's)
     vae_path: str = ""                   # local diffusers AutoencoderKL directory (save_pretrained layout)
     latent_cache: str = ""               # directory caching each image's encoder Gaussian ("" = encode every step)
+
+
+@dataclass(frozen=True)
+class PatchPlan(StepPlan):
+    """A step of patches of one side for the whole global batch."""
+
+    patch_size: int = 0  # side of this step's patches (canvas units); 0 = the full canvas
 
 
 # Reference code's images-per-batch table; a step of patch p carries M[p] / M[R] times the batch.
@@ -109,6 +116,25 @@ class PatchDiffusionMethod(LatentSpaceMixin, Method):
     Config = PatchDiffusionConfig
     default_sampler = "heun"
     default_steps = 18
+    presets = {
+        "patch-diffusion-celeba64": (
+            "Wang et al.'s CelebA-64 recipe (DDPM++ widths on our U-Net; batch 256, lr 2e-4, dropout 0.05, "
+            "real_p 0.5; sample with Heun, 50 steps) — a GPU job; set data.source to your CelebA-64 zip",
+            ["data.resolution=64", "data.hflip=false", "model.net.model_channels=128",
+             "model.net.channel_mult=[1,2,2,2]", "model.net.num_res_blocks=4", "model.net.attention_resolutions=[16]",
+             "model.net.dropout=0.05", "model.real_p=0.5", "train.batch_size=256", "train.lr=2e-4",
+             "train.ema_halflife_kimg=500", "train.warmup_steps=40", "train.steps=800000", "train.precision=bf16",
+             "sample.sampler=heun", "sample.num_steps=50"],
+        ),
+        "patch-diffusion-cpu": (
+            "Patch Diffusion small enough for a 2-core CPU: builtin textures at 32², a ~1.7M-parameter U-Net",
+            ["data.source=builtin:textures", "data.resolution=32", "model.net.model_channels=32",
+             "model.net.channel_mult=[1,2,2]", "model.net.num_res_blocks=2", "model.net.attention_resolutions=[8]",
+             "model.real_p=0.5", "train.batch_size=16", "train.lr=2e-3", "train.warmup_steps=50",
+             "train.ema_halflife_kimg=2", "train.ema_rampup=0.2", "train.steps=3000", "sample.sampler=heun",
+             "sample.num_steps=18"],
+        ),
+    }
 
     def validate(self) -> None:
         cfg = self.config
@@ -166,12 +192,13 @@ class PatchDiffusionMethod(LatentSpaceMixin, Method):
 
     def plan_step(self, seed: int, progress: float) -> StepPlan:
         size = draw_patch_size(self.patch_sizes, self.patch_probabilities, seed, progress, self.config.progressive)
-        return StepPlan(multiplier=batch_multiplier(size, self.canvas_side), options={"patch_size": size})
+        return PatchPlan(multiplier=batch_multiplier(size, self.canvas_side), patch_size=size)
 
-    def loss(self, net, images, labels, rng: SampleRNG, patch_size: int | None = None) -> torch.Tensor:
-        cfg = self.config
+    def loss(self, net, batch: TrainBatch, rng: SampleRNG) -> torch.Tensor:
+        cfg, images = self.config, batch.images
+        patch_size = getattr(batch.plan, "patch_size", 0)
         cond = {}
-        labels = self.drop_labels(labels, rng, cfg.label_dropout)
+        labels = self.drop_labels(batch.labels, rng, cfg.label_dropout)
         if labels is not None:
             cond["class_labels"] = labels
         if cfg.latent:
@@ -187,7 +214,7 @@ class PatchDiffusionMethod(LatentSpaceMixin, Method):
         return per_element.flatten(1).sum(1) / canvas_elements
 
     # -- sampling ----------------------------------------------------------------------------
-    def denoiser(self, net):
+    def denoiser(self, net, options=None):
         precond = EDMPrecond(net, sigma_data=self.config.sigma_data)
 
         def with_coordinates(x, sigma, **cond):

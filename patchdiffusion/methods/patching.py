@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from patchdiffusion.config import ConfigError
 from patchdiffusion.diffusion.losses import DDPMLoss
 from patchdiffusion.diffusion.precond import DiscretePrecond
 from patchdiffusion.diffusion.schedules import VPSchedule
-from patchdiffusion.methods.base import Method, discrete_schedule
+from patchdiffusion.errors import ConfigError
+from patchdiffusion.methods.base import Method, TrainBatch, discrete_schedule
 from patchdiffusion.methods.full import check_divisible
 from patchdiffusion.nets.unet import UNet, UNetConfig
 from patchdiffusion.rng import SampleRNG
@@ -151,10 +151,10 @@ class PatchingMethod(Method):
     def build_network(self) -> UNet:
         return UNet(self.network_config())
 
-    def loss(self, net, images, labels, rng: SampleRNG) -> torch.Tensor:
-        cfg = self.config
+    def loss(self, net, batch: TrainBatch, rng: SampleRNG) -> torch.Tensor:
+        cfg, images = self.config, batch.images
         cond = {}
-        labels = self.drop_labels(labels, rng, cfg.label_dropout)
+        labels = self.drop_labels(batch.labels, rng, cfg.label_dropout)
         if labels is not None:
             cond["class_labels"] = labels
         ddpm_loss = DDPMLoss(self.schedule, prediction="x0", loss_type="l2", weighting=cfg.weighting)
@@ -167,7 +167,7 @@ class PatchingMethod(Method):
             loss = loss + cfg.vb_weight * vb * (self.schedule.num_timesteps / 1000.0)
         return loss
 
-    def denoiser(self, net):
+    def denoiser(self, net, options=None):
         return DiscretePrecond(
             net, self.schedule, prediction="x0", learned_variance=self.config.net.learn_sigma
         )

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from patchdiffusion.config import ConfigError
+from patchdiffusion.errors import ConfigError
 from patchdiffusion.nets.layers import timestep_embedding
 
 CODES_KEY = "codes"
@@ -315,7 +315,7 @@ def train_codes_for_run(run_dir: str | Path, overrides: list[str] | None = None,
     save it in RUN/codes_model/, and report Fréchet distances of sampled codes."""
     from patchdiffusion.config import apply_overrides
     from patchdiffusion.rng import SampleRNG, mix_seed
-    from patchdiffusion.sample import load_run
+    from patchdiffusion.run import load_run
 
     loaded = load_run(run_dir, "cpu", use_ema=True)
     if loaded.config.method != "patch_dm":

@@ -6,7 +6,7 @@ multiple of p, without seams, in one coherent style:
   * the network is the collage U-Net (`nets/collage.py`): encoder per patch, decoder on windows
     shifted by p/2 whose features (bottleneck and skips) are collaged from four neighbours;
   * every training image owns a learnable semantic code (a row of `net.codes`), initialised from
-    its CLIP image embedding (`patchdiffusion/codes.py`) and injected into every ResBlock; the
+    its CLIP image embedding (`codes.py`) and injected into every ResBlock; the
     codes are trained with the net and later modelled by a small latent diffusion model;
   * diffusion is the reference's: DDPM, linear β, T = 1000, ε-prediction, MSE; DDIM sampling.
 
@@ -30,23 +30,30 @@ With `collage: false` (the ablation) the same net decodes each patch from its ow
 
 from __future__ import annotations
 
-import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from patchdiffusion.config import ConfigError
+from patchdiffusion.diffusion import parameterization
 from patchdiffusion.diffusion.guidance import ClassifierFreeGuidance
-from patchdiffusion.diffusion.precond import vp_coefficients
-from patchdiffusion.methods.base import Method, discrete_schedule
-from patchdiffusion.nets.collage import CollageUNet, CollageUNetConfig, cut_grid, join_grid
+from patchdiffusion.errors import ConfigError
+from patchdiffusion.methods.base import Method, TrainBatch, discrete_schedule
+from patchdiffusion.methods.patch_dm.codes import LatentCodeConfig
+from patchdiffusion.methods.patch_dm.commands import COMMANDS
+from patchdiffusion.methods.patch_dm.tiles import (
+    PatchPredictor,
+    Tile,
+    packed_jobs,
+    plan_tiles,
+    read_region,
+    shift_margins,
+)
+from patchdiffusion.nets.collage import CollageUNet, CollageUNetConfig, cut_grid
 from patchdiffusion.rng import SampleRNG, mix_seed
-from patchdiffusion.codes import LatentCodeConfig
 
 
 def _paper_net() -> CollageUNetConfig:
@@ -73,137 +80,56 @@ class PatchDMConfig:
     latent: LatentCodeConfig = field(default_factory=LatentCodeConfig)  # the latent code model (train-codes)
 
 
-@dataclass(frozen=True)
-class Tile:
-    """A block of output patches of a canvas: rows [row, row + rows) × cols [col, col + cols) of its p-grid."""
-
-    row: int
-    col: int
-    rows: int
-    cols: int
-
-
 _GRID_SHIFT_STREAM = 13  # rng stream of the random window-grid offsets
 
-
-def shift_margins(offset: tuple[int, int], p: int) -> tuple[int, int, int, int]:
-    """(top, bottom, left, right) mirrored pixels that make a canvas moved by offset = (dy, dx) a
-    multiple of p again: dy above and p − dy below (none on an axis that is not moved)."""
-    dy, dx = offset
-    return dy, (p - dy) if dy else 0, dx, (p - dx) if dx else 0
+_POSITIONS, _GRID_SHIFTS = ("auto", "grid", "none"), ("fixed", "random")
 
 
-def tile_shape(ny: int, nx: int, patch_batch: int, extra: int) -> tuple[int, int]:
-    """(a, b) windows per tile such that (a + extra)·(b + extra) encoder patches ≤ patch_batch, as square as fits."""
-    if patch_batch < (1 + extra) ** 2:
-        raise ConfigError(f"patch_batch must be at least {(1 + extra) ** 2}, got {patch_batch}")
-    a = min(ny, max(1, math.isqrt(patch_batch) - extra))
-    b = min(nx, max(1, patch_batch // (a + extra) - extra))
-    if b == nx:  # a narrow canvas: give the spare budget to the rows
-        a = min(ny, max(1, patch_batch // (b + extra) - extra))
-    return a, b
-
-
-def plan_tiles(ny: int, nx: int, patch_batch: int, collage: bool = True) -> list[Tile]:
-    """Tiles covering an ny×nx patch grid, row-major; each needs at most patch_batch encoder patches."""
-    a, b = tile_shape(ny, nx, patch_batch, 1 if collage else 0)
-    return [Tile(r, c, min(a, ny - r), min(b, nx - c)) for r in range(0, ny, a) for c in range(0, nx, b)]
-
-
-def _axis_index(start: int, stop: int, n: int, mirror_before: int, mirror_after: int):
-    """Source indices for positions start..stop-1 of an axis of length n, mirrored up to
-    `mirror_before`/`mirror_after` pixels beyond its ends, and the mask of positions inside that span."""
-    i = torch.arange(start, stop)
-    inside = (i >= -mirror_before) & (i < n + mirror_after)
-    i = torch.where(i < 0, -i, i)
-    i = torch.where(i >= n, 2 * (n - 1) - i, i)
-    return i.clamp(0, n - 1), inside
-
-
-def read_region(canvas, top: int, bottom: int, left: int, right: int,
-                mirror: tuple[int, int, int, int] = (0, 0, 0, 0)) -> torch.Tensor:
-    """canvas[..., top:bottom, left:right]; outside the canvas a mirror image of it up to `mirror` =
-    (top, bottom, left, right) pixels beyond each edge (a shifted window grid, `grid_shift`), zeros
-    further out (the collage's p/2 pad).
-
-    canvas: a torch tensor or a numpy array / memmap (C, H, W); returns a tensor (C, bottom−top, right−left)."""
-    C, H, W = canvas.shape[-3:]
-    m_top, m_bottom, m_left, m_right = mirror
-    if not any(mirror) or (top >= 0 and bottom <= H and left >= 0 and right <= W):
-        y0, y1, x0, x1 = max(top, 0), min(bottom, H), max(left, 0), min(right, W)
-        inside = canvas[..., y0:y1, x0:x1]
-        inside = inside if isinstance(inside, torch.Tensor) else torch.from_numpy(inside.copy())
-        return F.pad(inside, (x0 - left, right - x1, y0 - top, bottom - y1))
-    rows, rows_in = _axis_index(top, bottom, H, m_top, m_bottom)
-    cols, cols_in = _axis_index(left, right, W, m_left, m_right)
-    r0, c0 = int(rows.min()), int(cols.min())
-    block = canvas[..., r0:int(rows.max()) + 1, c0:int(cols.max()) + 1]  # a slice: a memmap reads only this
-    block = block if isinstance(block, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(block))
-    region = block[..., (rows - r0).to(block.device), :][..., (cols - c0).to(block.device)]
-    keep = (rows_in[:, None] & cols_in[None, :]).to(region.device, region.dtype)
-    return region * keep
-
-
-class PatchPredictor:
-    """The net's output (ε, or v / x0) over tiles of canvases from the collage net: the one piece both sampling paths share.
-
-    A call gets the VP-scaled input regions of J tiles of one shape (each with its p/2 margin when
-    collaging) and returns ε over the tiles' own pixels, (J, C, rows·p, cols·p)."""
-
-    def __init__(self, net: CollageUNet, patch_size: int, collage: bool):
-        self.net, self.p, self.collage = net, patch_size, collage
-
-    def input_box(self, tile: Tile) -> tuple[int, int, int, int]:
-        """(top, bottom, left, right) canvas pixels the tile's encoder patches cover."""
-        p, m = self.p, (self.p // 2 if self.collage else 0)
-        return (tile.row * p - m, (tile.row + tile.rows) * p + m, tile.col * p - m, (tile.col + tile.cols) * p + m)
-
-    def __call__(self, regions: torch.Tensor, tiles: list[Tile], t: torch.Tensor, code: torch.Tensor | None,
-                 position_keep: torch.Tensor | None, offset: tuple[float, float] = (0.0, 0.0)) -> torch.Tensor:
-        """offset: (x, y) of the tiles' grid in cells of the canvas's own grid (−shift/p on a shifted grid)."""
-        extra = 1 if self.collage else 0
-        rows, cols = tiles[0].rows + extra, tiles[0].cols + extra  # encoder grid of each tile
-        patches = cut_grid(regions, rows, cols)  # (J·rows·cols, C, p, p)
-        dev = regions.device
-        ys = torch.arange(rows, device=dev, dtype=torch.float32)
-        xs = torch.arange(cols, device=dev, dtype=torch.float32)
-        origin = torch.tensor([[tile.col + offset[0], tile.row + offset[1]] for tile in tiles], device=dev,
-                              dtype=torch.float32)  # (J, 2)
-        local = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(1, rows * cols, 2)  # (1, rc, 2) (x, y)
-        positions = (origin[:, None, :] + local).reshape(-1, 2)  # grid cells of the padded (or plain) canvas grid
-
-        def per_patch(v):
-            return None if v is None else v.repeat_interleave(rows * cols, dim=0)
-
-        eps = self.net(
-            patches, per_patch(t), positions, (rows, cols), code=per_patch(code),
-            position_keep=per_patch(position_keep), mode="collage" if self.collage else "plain",
-        )  # (J·tile.rows·tile.cols, C, p, p)
-        return join_grid(eps, tiles[0].rows, tiles[0].cols)  # (J, C, rows·p, cols·p)
-
-
-def packed_jobs(jobs: list[tuple[int, Tile]], patch_batch: int, extra: int) -> Iterator[list[tuple[int, Tile]]]:
-    """Group (image, tile) jobs of one tile shape into calls of at most patch_batch encoder patches."""
-    group: list[tuple[int, Tile]] = []
-    for job in jobs:
-        tile = job[1]
-        size = (tile.rows + extra) * (tile.cols + extra)
-        other_shape = group and (group[0][1].rows, group[0][1].cols) != (tile.rows, tile.cols)
-        if group and (other_shape or (len(group) + 1) * size > patch_batch):
-            yield group
-            group = []
-        group.append(job)
-    if group:
-        yield group
+@dataclass(frozen=True)
+class PatchDMSampleOptions:
+    code_from: int | None = field(default=None, metadata={
+        "help": "use this training image's semantic code for every canvas (style reuse); default: a new code "
+                "from the run's latent code model (patchdiff train-codes), else a training image's code drawn per seed",
+        "min": 0})
+    grid_shift: str | None = field(default=None, metadata={
+        "choices": _GRID_SHIFTS,
+        "help": "fixed = decode windows on the canvas's own patch grid every step (the paper); random = move the "
+                "window grid by a random offset each step, which keeps per-window errors from stacking into seams "
+                "(default: the run's model.grid_shift)"})
+    positions: str | None = field(default=None, metadata={
+        "choices": _POSITIONS,
+        "help": "grid = the patches' cell coordinates (the paper), none = the position-free branch, auto = grid while "
+                "the canvas fits the training images' grid (default: the run's model.positions)"})
+    patch_batch: int | None = field(default=None, metadata={
+        "help": "encoder patches per network call (bounds activation memory; default: the run's model.patch_batch)",
+        "min": 1})
+    codes: Any = field(default=None, metadata={"cli": False, "help": "(B, K) codes to sample with (Python API)"})
 
 
 class PatchDMMethod(Method):
     name = "patch_dm"
     Config = PatchDMConfig
+    SampleOptions = PatchDMSampleOptions
     default_sampler = "ddim"
     default_steps = 50
     clip_denoised = True
-    needs_image_index = True  # the loss looks up each image's code by its data set index
+    commands = COMMANDS
+    presets = {
+        "patch-dm-cpu": (
+            "Patch-DM small enough for a CPU: builtin textures at 128² (a 4×4 grid of 32² patches), a 1.1M-parameter "
+            "collage U-Net, 64-d codes (init them with `patchdiff patchdm init-codes`), v-prediction (a CPU budget; "
+            "the paper: ε); DDIM 50 steps, guidance 1.5, the window grid moved each step (grid_shift=random; the "
+            "paper: fixed)",
+            ["data.source=builtin:textures?count=50", "data.resolution=128", "model.net.patch_size=32",
+             "model.net.model_channels=16", "model.net.channel_mult=[1,2,5]", "model.net.num_res_blocks=1",
+             "model.net.attention_resolutions=[8]", "model.net.code_dim=64", "model.prediction=v",
+             "model.grid_shift=random", "model.latent.hidden=256", "model.latent.steps=3000",
+             "model.latent.batch_size=256", "model.latent.lr=1e-3", "train.batch_size=8", "train.lr=2e-3",
+             "train.warmup_steps=50", "train.ema_halflife_kimg=2", "train.ema_rampup=0.2", "train.steps=5000",
+             "train.checkpoint_every=250", "train.sample_images=16", "sample.sampler=ddim", "sample.num_steps=50",
+             "sample.guidance=1.5"],
+        ),
+    }
 
     def __init__(self, config, resolution, image_channels=3):
         super().__init__(config, resolution, image_channels)
@@ -254,7 +180,7 @@ class PatchDMMethod(Method):
             raise ConfigError(f"model.net.num_codes is {cfg.net.num_codes} but the data set holds {num_images} images")
         cfg.net.num_codes = num_images
         if cfg.codes_path:
-            from patchdiffusion.codes import load_codes
+            from patchdiffusion.methods.patch_dm.codes import load_codes
 
             codes = load_codes(cfg.codes_path)
             if codes.shape != (num_images, cfg.net.code_dim):
@@ -275,16 +201,12 @@ class PatchDMMethod(Method):
                     net.codes.weight.normal_(0.0, self.config.code_init_std)
         return net
 
-    def loss(self, net, images, labels, rng: SampleRNG, image_index: torch.Tensor | None = None) -> torch.Tensor:
-        cfg, p = self.config, self.patch_size
+    def loss(self, net, batch: TrainBatch, rng: SampleRNG) -> torch.Tensor:
+        cfg, p, images = self.config, self.patch_size, batch.images
         B, C, H, W = images.shape
         ny, nx = H // p, W // p
         dev = images.device
-        code_index = None
-        if cfg.net.code_dim > 0:
-            if image_index is None:
-                raise ConfigError("patch_dm's loss needs the images' data set indices (image_index) for their codes")
-            code_index = image_index.to(dev)
+        code_index = batch.index.to(dev) if cfg.net.code_dim > 0 else None  # each image's own code
         # One timestep per image, shared by its patches (reference).
         t = rng.randint(0, self.schedule.num_timesteps).reshape(B).cpu()
         alpha_bar = self.schedule.alphas_cumprod[t].to(device=dev, dtype=images.dtype).view(B, 1, 1, 1)
@@ -293,9 +215,9 @@ class PatchDMMethod(Method):
         x0 = F.pad(images, (m, m, m, m))  # (B, C, H + 2m, W + 2m)
         mask = F.pad(torch.ones_like(images[:, :1]), (m, m, m, m))  # (B, 1, H + 2m, W + 2m)
         noise = rng.randn_like(x0).to(dev)
-        x_t = (alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise) * mask
-        target = {"eps": noise, "x0": x0,  # v = √ᾱ ε − √(1 − ᾱ) x0 (Salimans & Ho 2022)
-                  "v": alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0}[cfg.prediction]
+        alpha, sigma = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+        x_t = parameterization.diffuse(x0, noise, alpha, sigma) * mask
+        target = parameterization.prediction_target(cfg.prediction, x0, noise, alpha, sigma)
         # One random 2×2 group of cells (of the padded grid when collaging).
         cells_y, cells_x = ny + (1 if cfg.collage else 0), nx + (1 if cfg.collage else 0)
         gy, gx = min(2, cells_y), min(2, cells_x)
@@ -335,25 +257,25 @@ class PatchDMMethod(Method):
         return loss_a + loss_b
 
     # -- sampling ------------------------------------------------------------------------------
+    def setting(self, options: PatchDMSampleOptions | None, name: str):
+        """A sampling setting: the option when given, else the run's model config."""
+        value = None if options is None else getattr(options, name)
+        return getattr(self.config, name) if value is None else value
+
     def predictor(self, net) -> PatchPredictor:
         return PatchPredictor(net, self.patch_size, self.config.collage)
 
-    def tiles(self, height: int, width: int) -> list[Tile]:
+    def tiles(self, height: int, width: int, patch_batch: int | None = None) -> list[Tile]:
         p = self.patch_size
-        return plan_tiles(height // p, width // p, self.config.patch_batch, self.config.collage)
+        return plan_tiles(height // p, width // p, patch_batch or self.config.patch_batch, self.config.collage)
 
     def x0_from_output(self, x: torch.Tensor, sigma, out: torch.Tensor) -> torch.Tensor:
-        """x0 in EDM coordinates from the net's output at x = x0 + σ n (x_vp = α x, σ_vp = α σ, α = 1/√(1+σ²))."""
-        pred = self.config.prediction
-        if pred == "eps":
-            return x - sigma * out  # x0 = (x_vp − σ_vp ε)/α
-        alpha = 1 / (1 + sigma**2) ** 0.5
-        if pred == "v":
-            return alpha**2 * x - alpha * sigma * out  # x0 = α x_vp − σ_vp v
-        return out
+        """x0 in EDM coordinates from the net's output at x = x0 + σ n (the net saw x_vp = α x)."""
+        alpha, sigma_vp = parameterization.vp_coefficients(sigma)
+        return parameterization.x0_from_prediction(self.config.prediction, alpha * x, out, alpha, sigma_vp)
 
     # -- the window grid while sampling -------------------------------------------------------
-    def grid_offset(self, sigma: float) -> tuple[int, int]:
+    def grid_offset(self, sigma: float, grid_shift: str | None = None) -> tuple[int, int]:
         """(dy, dx) pixels by which the decoded window grid is moved at noise level σ.
 
         fixed (the paper): (0, 0) at every step, the windows sit on the canvas's own p-grid, so
@@ -361,34 +283,36 @@ class PatchDMMethod(Method):
         the same lines. random (this package's option): a draw in [0, p)² keyed by σ alone, so the
         whole-canvas and the tiled path and every image of a batch agree; each step's boundaries
         fall elsewhere and the following steps, whose windows straddle them, smooth them away."""
-        if self.config.grid_shift == "fixed":
+        if (grid_shift or self.config.grid_shift) == "fixed":
             return 0, 0
         bits = struct.unpack("<I", struct.pack("<f", float(sigma)))[0]
         generator = torch.Generator().manual_seed(mix_seed(_GRID_SHIFT_STREAM, bits))
         dy, dx = torch.randint(0, self.patch_size, (2,), generator=generator).tolist()
         return dy, dx
 
-    def position_keep(self, keep: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    def position_keep(self, keep: torch.Tensor, height: int, width: int, positions: str | None = None) -> torch.Tensor:
         """positions=auto: the cell coordinates while the canvas fits the training images' grid, the
         position-free branch (trained by the CFG dropout) on larger canvases, whose cells the
         position embedding never saw."""
-        if self.config.positions == "auto" and (height > self.resolution[0] or width > self.resolution[1]):
+        too_large = height > self.resolution[0] or width > self.resolution[1]
+        if (positions or self.config.positions) == "auto" and too_large:
             return torch.zeros_like(keep)
         return keep
 
     def output_of_canvas(self, net, x_vp: torch.Tensor, t: torch.Tensor, code, position_keep,
-                         offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
+                         offset: tuple[int, int] = (0, 0), patch_batch: int | None = None) -> torch.Tensor:
         """The net's output (ε, v or x0) over VP-scaled canvases x_vp (B, C, H, W), tile by tile (bounded
         activation memory), with the window grid moved by offset = (dy, dx) pixels (`grid_offset`)."""
         predictor = self.predictor(net)
+        patch_batch = patch_batch or self.config.patch_batch
         B, C, H, W = x_vp.shape
         p, extra = self.patch_size, 1 if self.config.collage else 0
         dy, dx = offset
         margins = shift_margins(offset, p)
         Hv, Wv = H + margins[0] + margins[1], W + margins[2] + margins[3]  # the moved grid's canvas
         out = x_vp.new_empty(B, C, Hv, Wv)
-        jobs = [(b, tile) for tile in self.tiles(Hv, Wv) for b in range(B)]
-        for group in packed_jobs(jobs, self.config.patch_batch, extra):
+        jobs = [(b, tile) for tile in self.tiles(Hv, Wv, patch_batch) for b in range(B)]
+        for group in packed_jobs(jobs, patch_batch, extra):
             regions = []
             for b, tile in group:
                 top, bottom, left, right = predictor.input_box(tile)
@@ -401,20 +325,22 @@ class PatchDMMethod(Method):
                 out[b, :, tile.row * p:(tile.row + tile.rows) * p, tile.col * p:(tile.col + tile.cols) * p] = e
         return out[:, :, dy:dy + H, dx:dx + W]
 
-    def denoiser(self, net) -> Callable:
+    def denoiser(self, net, options: PatchDMSampleOptions | None = None) -> Callable:
         """D(x, σ, code=(B, K), position_keep=(B,)) -> x0 over whole canvases (EDM coordinates)."""
         schedule = self.schedule
+        grid_shift, positions = self.setting(options, "grid_shift"), self.setting(options, "positions")
+        patch_batch = self.setting(options, "patch_batch")
 
         def collage_denoiser(x, sigma, code=None, position_keep=None):
             B, _, H, W = x.shape
             x = x.float()
             sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(B)
-            alpha, _ = vp_coefficients(sigma)
+            alpha, _ = parameterization.vp_coefficients(sigma)
             t = schedule.sigma_to_t(sigma)  # (B,) continuous timestep labels
             if position_keep is not None:
-                position_keep = self.position_keep(position_keep, H, W)
+                position_keep = self.position_keep(position_keep, H, W, positions)
             out = self.output_of_canvas(net, x * alpha.view(B, 1, 1, 1), t, code, position_keep,
-                                        self.grid_offset(float(sigma[0])))
+                                        self.grid_offset(float(sigma[0]), grid_shift), patch_batch)
             return self.x0_from_output(x, sigma.view(B, 1, 1, 1), out)
 
         return collage_denoiser
@@ -427,28 +353,37 @@ class PatchDMMethod(Method):
         branch zeroes the code and the position (reference)."""
         return ClassifierFreeGuidance(denoiser, scale, {"code": 0.0, "position_keep": 0.0})
 
-    def condition(self, net, batch: int, device, codes: torch.Tensor | None = None,
-                  code_index: torch.Tensor | None = None, rng: SampleRNG | None = None) -> dict:
-        """Per-image sampling condition: given codes, or table rows (given, or drawn from rng per image)."""
-        cfg = self.config
-        keep = torch.full((batch,), 0.0 if cfg.positions == "none" else 1.0, device=device)
-        cond = {"position_keep": keep}
-        if cfg.net.code_dim > 0:
-            if codes is None:
-                if code_index is None:
-                    if rng is None or net.codes is None:
-                        raise ConfigError("sampling patch_dm needs codes (from the latent code model or the table)")
-                    code_index = rng.randint(0, net.codes.num_embeddings).reshape(batch)
-                codes = net.lookup_codes(code_index.to(device))
-            cond["code"] = codes.to(device=device, dtype=torch.float32)
+    def sampling_condition(self, net, rng: SampleRNG, labels, options: PatchDMSampleOptions | None) -> dict:
+        """Per-image position switch and semantic code (see `sampling_codes`)."""
+        if labels is not None:
+            raise ConfigError("patch_dm models are not class-conditional; they take a semantic code instead")
+        positions = self.setting(options, "positions")
+        cond = {"position_keep": torch.full((len(rng),), 0.0 if positions == "none" else 1.0, device=rng.device)}
+        if self.config.net.code_dim > 0:
+            cond["code"] = self.sampling_codes(net, rng, options)
         return cond
 
-    def sample(self, net, rng: SampleRNG, *args, codes=None, code_index=None, **kwargs) -> torch.Tensor:
-        """Whole canvases with any sampler (canvases in memory on rng.device; see `tiling.py` for
-        memory-bounded canvases). Codes: `codes` (B, K), else table rows `code_index`, else a table row
+    def sampling_codes(self, net, rng: SampleRNG, options: PatchDMSampleOptions | None) -> torch.Tensor:
+        """(B, K) codes: the given ones; else training image `code_from`'s for every canvas (style reuse);
+        else new codes from the run's latent code model when it has one; else a training image's code
         drawn per image from its seed."""
-        cond = self.condition(net, len(rng), rng.device, codes, code_index, rng)
-        return super().sample(net, rng, *args, cond=cond, **kwargs)
+        B = len(rng)
+        given = None if options is None else options.codes
+        if given is not None:
+            codes = torch.as_tensor(given).float().reshape(-1, self.config.net.code_dim)
+            return codes.expand(B, -1).to(rng.device) if len(codes) == 1 else codes.to(rng.device)
+        table = self.code_table(net)
+        code_from = None if options is None else options.code_from
+        if code_from is not None:
+            if not 0 <= code_from < len(table):
+                raise ConfigError(f"--code-from {code_from}: the run has codes for images 0..{len(table) - 1}")
+            return table[code_from].expand(B, -1).to(rng.device, torch.float32)
+        if self.run_dir is not None and (self.latent_dir(self.run_dir) / "net.safetensors").is_file():
+            from patchdiffusion.methods.patch_dm.codes import LatentCodeModel
+
+            return LatentCodeModel.load(self.latent_dir(self.run_dir), rng.device).sample(rng).float()
+        rows = rng.randint(0, len(table)).reshape(B)
+        return net.lookup_codes(rows.to(table.device)).to(rng.device, torch.float32)
 
     # -- the latent code model -------------------------------------------------------------------
     def code_table(self, net) -> torch.Tensor:

@@ -32,7 +32,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from patchdiffusion.config import ConfigError, RunConfig, apply_overrides
+from patchdiffusion.config import RunConfig, apply_overrides
+from patchdiffusion.errors import ConfigError
 
 SECTIONS = ("trainer", "model", "diffusion")
 

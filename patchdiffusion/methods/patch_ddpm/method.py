@@ -24,15 +24,16 @@ once per denoiser call and shared by all chunks.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from patchdiffusion.config import ConfigError
 from patchdiffusion.diffusion.losses import DDPMLoss
 from patchdiffusion.diffusion.precond import DiscretePrecond
-from patchdiffusion.methods.base import Method, discrete_schedule
+from patchdiffusion.errors import ConfigError
+from patchdiffusion.methods.base import Method, TrainBatch, discrete_schedule
 from patchdiffusion.nets.ddpm_unet import DDPMUNet, DDPMUNetConfig
 from patchdiffusion.rng import SampleRNG
 
@@ -51,6 +52,13 @@ class PatchDDPMConfig:
     objective: str = "pred_noise"        # pred_noise (ε, the reference) | pred_x0
     patch_batch: int = 0                 # cells per network call when sampling (0 = all D² at once);
     #                                      `patchdiff sample --patch-batch K` overrides it
+
+
+@dataclass(frozen=True)
+class PatchDDPMSampleOptions:
+    patch_batch: int | None = field(default=None, metadata={
+        "help": "grid cells per network call: fewer bound memory, more run faster; 0 = all cells at once "
+                "(default: the run's model.patch_batch)", "min": 0})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -154,6 +162,8 @@ class PatchDividedUNet(nn.Module):
 class PatchDDPMMethod(Method):
     name = "patch_ddpm"
     Config = PatchDDPMConfig
+    SampleOptions = PatchDDPMSampleOptions
+    config_suffixes = (".json",)  # the reference's JSON configs (`train --config X.json`)
     default_sampler = "ddpm"             # ancestral, as the reference's p_sample_loop
     default_steps = 1000
     clip_denoised = True                 # the reference clips x0 to [-1, 1]
@@ -161,7 +171,6 @@ class PatchDDPMMethod(Method):
     def __init__(self, config, resolution, image_channels=3):
         super().__init__(config, resolution, image_channels)
         self.schedule = discrete_schedule(config)
-        self._patch_batch: int | None = None
 
     def validate(self) -> None:
         cfg = self.config
@@ -198,18 +207,19 @@ class PatchDDPMMethod(Method):
         )
         return PatchDividedUNet(unet, cfg.patch_divider, cfg.gcc, cfg.position)
 
-    def loss(self, net, images, labels, rng: SampleRNG) -> torch.Tensor:
+    def loss(self, net, batch: TrainBatch, rng: SampleRNG) -> torch.Tensor:
         """Ho et al. 2020 Algorithm 1 on the whole canvas: one t per image, all its patches share it,
         L1 on ε (the reference's loss_type), mean over the reassembled image."""
         cfg = self.config
         ddpm_loss = DDPMLoss(self.schedule, prediction=_PREDICTIONS[cfg.objective], loss_type=cfg.loss_type)
-        return ddpm_loss(net, images, rng).flatten(1).mean(1)
+        return ddpm_loss(net, batch.images, rng).flatten(1).mean(1)
 
-    def denoiser(self, net, patch_batch: int | None = None):
+    def denoiser(self, net, options: PatchDDPMSampleOptions | None = None):
         """D(x, σ) over the whole canvas: DiscretePrecond around the patch-divided ε-network, which
-        calls the U-Net on `patch_batch` cells at a time."""
-        K = patch_batch if patch_batch is not None else self._patch_batch
-        K = self.config.patch_batch if K is None else K
+        calls the U-Net on `patch_batch` cells at a time (the option, else model.patch_batch)."""
+        K = options.patch_batch if options is not None and options.patch_batch is not None else self.config.patch_batch
+        if K < 0:
+            raise ConfigError(f"patch_batch must be 0 (all cells) or positive, got {K}")
         precond = DiscretePrecond(net, self.schedule, prediction=_PREDICTIONS[self.config.objective])
 
         def patchwise(x, sigma, **cond):
@@ -217,15 +227,12 @@ class PatchDDPMMethod(Method):
 
         return patchwise
 
-    def sample(self, net, rng, *args, patch_batch: int | None = None, **kwargs) -> torch.Tensor:
-        """Method.sample with `patch_batch` cells per network call (None: model.patch_batch)."""
-        if patch_batch is not None and patch_batch < 0:
-            raise ConfigError(f"--patch-batch must be 0 (all cells) or positive, got {patch_batch}")
-        self._patch_batch = patch_batch
-        try:
-            return super().sample(net, rng, *args, **kwargs)
-        finally:
-            self._patch_batch = None
+    @classmethod
+    def read_config_file(cls, path: Path):
+        """The reference's JSON config (trainer / model / diffusion sections) as a RunConfig."""
+        from patchdiffusion.methods.patch_ddpm.seed_config import load_seed_config
+
+        return load_seed_config(path)
 
     def sampling_sigmas(self, steps: int) -> torch.Tensor:
         if not 1 <= steps <= self.schedule.num_timesteps:
