@@ -51,8 +51,11 @@ class SampleRNG:
             [torch.randint(low, high, shape, generator=g, device=self.device) for g in self.generators]
         )
 
-    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
-        """Normal noise shaped like x (whose first axis must be the example axis)."""
+    def randn_like(self, x: torch.Tensor, step: int | None = None) -> torch.Tensor:
+        """Normal noise shaped like x (whose first axis must be the example axis).
+
+        `step` (the samplers' noise_fn(like, step) contract) is ignored: the generators are sequential,
+        so the draws follow the order of the calls."""
         if x.shape[0] != len(self.generators):
             raise ValueError(f"batch of {x.shape[0]} but {len(self.generators)} generators")
         return self.randn(*x.shape[1:], dtype=x.dtype)

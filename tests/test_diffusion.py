@@ -68,7 +68,7 @@ def gaussian_denoiser(x, sigma, **cond):
 
 def seeded_noise(seed: int):
     g = torch.Generator().manual_seed(seed)
-    return lambda like: torch.randn(like.shape, generator=g, dtype=like.dtype)
+    return lambda like, step: torch.randn(like.shape, generator=g, dtype=like.dtype)
 
 
 def start_noise(sigma_max: float, seed: int = 0, standardize: bool = True) -> torch.Tensor:
@@ -466,7 +466,7 @@ def test_ddim_and_ddpm_match_vp_form_algorithms():
 
     def next_z():
         it = iter(zs)
-        return lambda like: next(it)
+        return lambda like, step: next(it)
 
     def vp_ddim(eta):
         x = math.sqrt(ab[0]) * x_T * sigmas[0].item()  # the same start point, in VP coordinates

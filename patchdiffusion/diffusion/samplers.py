@@ -9,9 +9,18 @@ Every sampler has one signature (k-diffusion's, with EDM's sigma convention)::
   learned variance uses v);
 - ``x`` is the starting noise already multiplied by ``sigmas[0]``;
 - ``sigmas`` is a 1-D descending tensor ending in 0 (``edm_sigmas`` or ``VPSchedule.sigmas_for_sampling``);
-- ``noise_fn(like)`` draws fresh noise (default ``torch.randn_like``; pass ``SampleRNG.randn_like``
-  for per-seed reproducibility);
-- ``callback(dict)`` gets ``{i, x, sigma, denoised}`` each step (x before the step).
+- ``noise_fn(like, step)`` draws fresh noise for sampling step ``step`` (each sampler draws at most
+  once per step; default ``torch.randn_like``; pass ``SampleRNG.randn_like`` for per-seed
+  reproducibility, or a step-keyed source such as ``canvas.BlockNoise`` so that a resumed run draws
+  the same noise as an uninterrupted one);
+- ``callback(dict)`` gets ``{i, x, sigma, denoised}`` each step (x before the step);
+- ``start`` resumes at step ``start``: ``x`` is then the state before that step (what the callback
+  saw as ``x`` at step ``start``). A sampler with history also needs the keyword named in
+  ``HISTORY_ARGS`` (dpmpp_2m: ``previous_denoised``, the callback's ``denoised`` of step start - 1).
+
+The samplers only use arithmetic (``+ - * /`` with floats and arrays, ``.sqrt()``, ``.exp()``,
+``.to()``) on ``x`` and on what the denoiser returns, so they run unchanged on array types other than
+``torch.Tensor``, such as the lazy out-of-core ``canvas.CanvasArray``.
 
 All the formulas are written in EDM's variance-exploding coordinates ``x = x0 + sigma n``: a VP
 state x_vp at alpha_bar is the VE point x = x_vp / sqrt(alpha_bar) at sigma^2 = (1 - alpha_bar)/alpha_bar,
@@ -34,6 +43,7 @@ __all__ = [
     "sample_dpmpp_2m",
     "ddpm_posterior_variance",
     "SAMPLERS",
+    "HISTORY_ARGS",
     "get_sampler",
 ]
 
@@ -50,30 +60,35 @@ def _sigma_list(sigmas) -> list[float]:
     return sigmas.tolist()
 
 
-def _steps(num_steps: int, progress: bool):
-    return tqdm(range(num_steps), disable=not progress, leave=False)
+def _steps(num_steps: int, progress: bool, start: int = 0):
+    """Step indices start..num_steps-1 (a resumed run starts later)."""
+    if not 0 <= start <= num_steps:
+        raise ValueError(f"start must be in [0, {num_steps}] for {num_steps} steps, got {start}")
+    return tqdm(range(start, num_steps), initial=start, total=num_steps, disable=not progress, leave=False)
 
 
-def _denoise(denoiser, x: torch.Tensor, sigma: float, extra_args: dict):
+def _denoise(denoiser, x, sigma: float, extra_args: dict):
     """Call the denoiser at one noise level; returns (x0_hat, v or None), x0_hat in x's dtype."""
-    out = denoiser(x, x.new_full((x.shape[0],), sigma), **extra_args)
+    sigma_batch = torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)  # (B,)
+    out = denoiser(x, sigma_batch, **extra_args)
     x0, v = out if isinstance(out, tuple) else (out, None)
     return x0.to(x.dtype), v
 
 
-def _noise(noise_fn: Callable | None, x: torch.Tensor) -> torch.Tensor:
-    n = torch.randn_like(x) if noise_fn is None else noise_fn(x)
+def _noise(noise_fn: Callable | None, x, step: int):
+    """Fresh standard normal noise like x for sampling step `step`."""
+    n = torch.randn_like(x) if noise_fn is None else noise_fn(x, step)
     return n.to(device=x.device, dtype=x.dtype)
 
 
-def _churn(x, sigma, num_steps, S_churn, S_min, S_max, S_noise, noise_fn):
+def _churn(x, sigma, num_steps, S_churn, S_min, S_max, S_noise, noise_fn, step):
     """EDM Algorithm 2, lines 4-6: raise the noise level from sigma to sigma_hat = (1 + gamma) sigma,
     gamma = min(S_churn/N, sqrt(2) - 1) for sigma in [S_min, S_max], adding fresh noise of std
     sqrt(sigma_hat^2 - sigma^2) S_noise. Returns (x_hat, sigma_hat)."""
     gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= sigma <= S_max else 0.0
     sigma_hat = sigma * (1 + gamma)
     if gamma > 0:
-        x = x + math.sqrt(sigma_hat**2 - sigma**2) * S_noise * _noise(noise_fn, x)
+        x = x + math.sqrt(sigma_hat**2 - sigma**2) * S_noise * _noise(noise_fn, x, step)
     return x, sigma_hat
 
 
@@ -82,15 +97,15 @@ def _churn(x, sigma, num_steps, S_churn, S_min, S_max, S_noise, noise_fn):
 # dx/dsigma = (x - D(x; sigma)) / sigma, eq. 1 / Table 1).
 
 
-def _edm_sample(denoiser, x, sigmas, extra_args, noise_fn, callback, progress, churn, second_order):
+def _edm_sample(denoiser, x, sigmas, extra_args, noise_fn, callback, progress, churn, second_order, start):
     """EDM Algorithm 2; `second_order=False` drops the Heun correction (lines 9-11), giving Euler."""
     extra_args = extra_args or {}
     sigmas = _sigma_list(sigmas)
     num_steps = len(sigmas) - 1
-    for i in _steps(num_steps, progress):
+    for i in _steps(num_steps, progress, start):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         # Increase noise temporarily (lines 4-6).
-        x_hat, sigma_hat = _churn(x, sigma, num_steps, *churn, noise_fn)
+        x_hat, sigma_hat = _churn(x, sigma, num_steps, *churn, noise_fn, i)
         # Euler step (lines 7-8).
         denoised, _ = _denoise(denoiser, x_hat, sigma_hat, extra_args)
         d = (x_hat - denoised) / sigma_hat
@@ -116,6 +131,7 @@ def sample_euler(
     noise_fn: Callable | None = None,
     callback: Callable | None = None,
     progress: bool = False,
+    start: int = 0,
     S_churn: float = 0.0,
     S_min: float = 0.0,
     S_max: float = float("inf"),
@@ -124,7 +140,8 @@ def sample_euler(
     """Euler's method on the probability-flow ODE: EDM Algorithm 2 without the 2nd-order
     correction (lines 9-11), with the same optional churn (lines 4-6)."""
     churn = (S_churn, S_min, S_max, S_noise)
-    return _edm_sample(denoiser, x, sigmas, extra_args, noise_fn, callback, progress, churn, second_order=False)
+    return _edm_sample(denoiser, x, sigmas, extra_args, noise_fn, callback, progress, churn, second_order=False,
+                       start=start)
 
 
 @torch.no_grad()
@@ -137,6 +154,7 @@ def sample_heun(
     noise_fn: Callable | None = None,
     callback: Callable | None = None,
     progress: bool = False,
+    start: int = 0,
     S_churn: float = 0.0,
     S_min: float = 0.0,
     S_max: float = float("inf"),
@@ -145,7 +163,8 @@ def sample_heun(
     """EDM's stochastic sampler (Karras et al. 2022, Algorithm 2); with S_churn = 0 it is the
     deterministic Heun sampler of Algorithm 1. The last step, to sigma = 0, is a plain Euler step."""
     churn = (S_churn, S_min, S_max, S_noise)
-    return _edm_sample(denoiser, x, sigmas, extra_args, noise_fn, callback, progress, churn, second_order=True)
+    return _edm_sample(denoiser, x, sigmas, extra_args, noise_fn, callback, progress, churn, second_order=True,
+                       start=start)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,6 +188,7 @@ def sample_ddim(
     noise_fn: Callable | None = None,
     callback: Callable | None = None,
     progress: bool = False,
+    start: int = 0,
     eta: float = 0.0,
 ) -> torch.Tensor:
     """DDIM (Song et al. 2020, eq. 12 and 16) in sigma-space:
@@ -176,7 +196,7 @@ def sample_ddim(
     ``c = eta sigma_s sqrt(sigma_t^2 - sigma_s^2) / sigma_t``."""
     extra_args = extra_args or {}
     sigmas = _sigma_list(sigmas)
-    for i in _steps(len(sigmas) - 1, progress):
+    for i in _steps(len(sigmas) - 1, progress, start):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         # Predict x0 and the noise direction.
         denoised, _ = _denoise(denoiser, x, sigma, extra_args)
@@ -188,7 +208,7 @@ def sample_ddim(
         # Step to sigma_next along the predicted noise, plus fresh noise (eq. 12).
         x = denoised + math.sqrt(max(sigma_next**2 - c**2, 0.0)) * eps
         if c > 0:
-            x = x + c * _noise(noise_fn, x)
+            x = x + c * _noise(noise_fn, x, i)
     return x
 
 
@@ -211,7 +231,7 @@ def ddpm_posterior_variance(sigma: float, sigma_next: float, variance: str = "sm
     - ``learned``: exp(v log small + (1 - v) log large), per element (Nichol & Dhariwal 2021, eq. 15,
       with Luhman & Luhman's orientation: v = 1 gives small, v = 0 gives large).
 
-    Returns a float for small/large, a tensor like v for learned.
+    Returns a float for small/large, an array like v for learned.
     """
     small = sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2
     large = (sigma**2 - sigma_next**2) * (1 + sigma_next**2) / (1 + sigma**2)
@@ -223,8 +243,8 @@ def ddpm_posterior_variance(sigma: float, sigma_next: float, variance: str = "sm
         if v is None:
             raise ValueError("variance='learned' needs a denoiser that returns (x0_hat, v)")
         if small <= 0:
-            return torch.zeros_like(v)
-        return torch.exp(v * math.log(small) + (1 - v) * math.log(large))
+            return torch.zeros_like(v) if isinstance(v, torch.Tensor) else v * 0.0  # another array type: v * 0
+        return (v * math.log(small) + (1 - v) * math.log(large)).exp()
     raise ValueError(f"variance must be 'small', 'large' or 'learned', got {variance!r}")
 
 
@@ -238,6 +258,7 @@ def sample_ddpm(
     noise_fn: Callable | None = None,
     callback: Callable | None = None,
     progress: bool = False,
+    start: int = 0,
     variance: str = "small",
 ) -> torch.Tensor:
     """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2) with q(x_s | x_t, x0 = D(x_t)) written
@@ -246,7 +267,7 @@ def sample_ddpm(
         raise ValueError(f"variance must be 'small', 'large' or 'learned', got {variance!r}")
     extra_args = extra_args or {}
     sigmas = _sigma_list(sigmas)
-    for i in _steps(len(sigmas) - 1, progress):
+    for i in _steps(len(sigmas) - 1, progress, start):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         # Predict x0 (and the variance interpolation v, if the model has one).
         denoised, v = _denoise(denoiser, x, sigma, extra_args)
@@ -257,8 +278,8 @@ def sample_ddpm(
         # Sample from the posterior, except on the last step.
         if sigma_next > 0:
             var = ddpm_posterior_variance(sigma, sigma_next, variance, v)
-            std = var.sqrt().to(x.dtype) if isinstance(var, torch.Tensor) else math.sqrt(var)
-            x = mean + std * _noise(noise_fn, x)
+            std = math.sqrt(var) if isinstance(var, float) else var.sqrt().to(x.dtype)
+            x = mean + std * _noise(noise_fn, x, i)
         else:
             x = mean
     return x
@@ -284,14 +305,21 @@ def sample_dpmpp_2m(
     noise_fn: Callable | None = None,
     callback: Callable | None = None,
     progress: bool = False,
+    start: int = 0,
+    previous_denoised=None,
 ) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) in sigma-space:
     ``x_s = (sigma_s/sigma_t) x_t - expm1(-h) D_i``. The first step is first order (DDIM); the step
-    to sigma = 0 returns the denoised image (h is infinite there). ``noise_fn`` is unused."""
+    to sigma = 0 returns the denoised image (h is infinite there). ``noise_fn`` is unused.
+    Resuming at ``start > 0`` needs ``previous_denoised``, the data prediction of step start - 1."""
     extra_args = extra_args or {}
     sigmas = _sigma_list(sigmas)
     old_denoised, h_last = None, None
-    for i in _steps(len(sigmas) - 1, progress):
+    if start > 0:
+        if previous_denoised is None:
+            raise ValueError("sample_dpmpp_2m resumed at start > 0 needs previous_denoised (step start - 1's denoised)")
+        old_denoised, h_last = previous_denoised, math.log(sigmas[start - 1]) - math.log(sigmas[start])
+    for i in _steps(len(sigmas) - 1, progress, start):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         # Data prediction at the current point.
         denoised, _ = _denoise(denoiser, x, sigma, extra_args)
@@ -324,6 +352,11 @@ SAMPLERS: dict[str, Callable] = {
     "ddpm": sample_ddpm,
     "dpmpp_2m": sample_dpmpp_2m,
 }
+
+
+# Samplers whose step depends on more than x (a multistep history), and the keyword that restores
+# it on resume: the callback's `denoised` of step start - 1. The others resume from x alone.
+HISTORY_ARGS: dict[str, str] = {"dpmpp_2m": "previous_denoised"}
 
 
 def get_sampler(name: str) -> Callable:
