@@ -139,6 +139,29 @@ def _add_sampler_options(parser: argparse.ArgumentParser) -> None:
                            choices=SAMPLER_CHOICES.get(name), help=f"{'/'.join(samplers)} (default {default})")
 
 
+def _add_tiling_options(parser: argparse.ArgumentParser) -> None:
+    from patchdiffusion.diffusion.tiled import GRIDS, WINDOWS
+
+    group = parser.add_argument_group(
+        "any size: a --size other than the training size (or any flag below) makes each image a canvas of tiles "
+        "of the model's size, in bounded memory, streamed to disk, resumable (see docs/any_size.md)")
+    group.add_argument("--tile", type=size_arg, help="tile size N or WxH (default: the model's training size)")
+    group.add_argument("--overlap", type=number_arg(int, minimum=0, maximum=1 << 20),
+                       help="pixels shared by neighbouring tiles (default: the method's, a quarter of the tile)")
+    group.add_argument("--window", choices=WINDOWS, help="how overlapping tiles are blended (default: the method's)")
+    group.add_argument("--grid", choices=GRIDS, help="fixed tile grid, or a random offset at every step "
+                                                     "(default: the method's)")
+    group.add_argument("--wrap", action="store_true", help="seamless texture: tiles wrap around the canvas edges")
+    group.add_argument("--tile-batch", type=number_arg(int, minimum=1, maximum=1 << 16),
+                       help="tiles per network call: peak memory grows with it (default 4)")
+    group.add_argument("--canvas", choices=("auto", "memory", "disk"),
+                       help="keep the canvas and the sampler's state in RAM or in files (auto: by size)")
+    group.add_argument("--format", choices=("png", "tiff"), help="png, or tiff for a tiled BigTIFF (huge canvases)")
+    group.add_argument("--checkpoint-every", type=number_arg(int, minimum=1, maximum=1e6),
+                       help="checkpoint the canvas every K steps; rerun the same command after a kill to resume "
+                            "(default 1)")
+
+
 SAMPLER_CHOICES = {"variance": ("small", "large", "learned")}  # the string-valued sampler options
 SAMPLER_MAXIMA = {"eta": 1.0, "S_noise": 10.0}  # beyond these the sampler's formulas stop making sense
 
@@ -244,7 +267,7 @@ def _architecture_list() -> str:
 
 def cmd_sample(args, extra: list[str]) -> int:
     from patchdiffusion.config import parse_size
-    from patchdiffusion.sample import generate_images
+    from patchdiffusion.sample import generate_canvases, generate_images, tiling_config
 
     _refuse_extra(extra, args.parser)
     height = width = None
@@ -252,13 +275,38 @@ def cmd_sample(args, extra: list[str]) -> int:
         height, width = parse_size(args.size)
     out = args.out or str(Path(args.run) / "generated")
     options = {**_collected(args, "sampler_option."), **_collected(args, "method_option.")}
-    paths = generate_images(
-        args.run, out, num=args.num, seed=args.seed, batch_size=args.batch, sampler=args.sampler,
-        steps=args.steps, guidance=args.guidance, class_label=args.class_label, height=height, width=width,
-        device=args.device, use_ema=False if args.no_ema else None, progress=not args.no_progress, **options,
-    )
+    common = dict(num=args.num, seed=args.seed, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
+                  class_label=args.class_label, height=height, width=width, device=args.device,
+                  use_ema=False if args.no_ema else None, progress=not args.no_progress)
+    tile_flags = (args.tile, args.overlap, args.window, args.grid, args.tile_batch, args.canvas, args.format,
+                  args.checkpoint_every)
+    if any(flag is not None for flag in tile_flags) or args.wrap or _other_size(args.run, height, width):
+        from patchdiffusion.run import load_run
+        from patchdiffusion.runtime import resolve_device
+
+        loaded = load_run(args.run, resolve_device(args.device), not args.no_ema)
+        tiling = tiling_config(loaded.method, args.tile, args.overlap, args.window, args.grid,
+                               True if args.wrap else None, args.tile_batch, seed=args.seed)
+        paths = generate_canvases(args.run, out, tiling=tiling, storage=args.canvas or "auto",
+                                  image_format=args.format or "png", checkpoint_every=args.checkpoint_every or 1,
+                                  loaded=loaded, **common, **options)
+        print(f"wrote {len(paths)} canvas{'es' if len(paths) != 1 else ''} to {out}")
+        return 0
+    paths = generate_images(args.run, out, batch_size=args.batch, **common, **options)
     print(f"wrote {len(paths)} images and grid.png to {out}")
     return 0
+
+
+def _other_size(run_dir: str, height: int | None, width: int | None) -> bool:
+    """Whether --size asks for something other than the run's training size (then it is made from tiles)."""
+    from patchdiffusion.config import load_config
+
+    if height is None:
+        return False
+    config_path = Path(run_dir) / "config.yaml"
+    if not config_path.is_file():
+        return False  # generate_images says what is wrong with the run directory
+    return (height, width) != tuple(load_config(config_path).data.resolution)
 
 
 def add_sample_parser(sub) -> None:
@@ -280,6 +328,7 @@ def add_sample_parser(sub) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--no-progress", action="store_true")
+    _add_tiling_options(p)
     _add_sampler_options(p)
     _add_method_options(p)
     p.set_defaults(func=cmd_sample, parser=p)

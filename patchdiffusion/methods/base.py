@@ -28,6 +28,7 @@ from torch import nn
 
 from patchdiffusion.diffusion.samplers import get_sampler
 from patchdiffusion.diffusion.schedules import schedule_from_name
+from patchdiffusion.diffusion.tiled import TiledDenoiser, TilingConfig, TilingError, check_tiling
 from patchdiffusion.errors import ConfigError
 from patchdiffusion.rng import SampleRNG
 
@@ -56,6 +57,37 @@ def clipped(denoiser: Denoiser) -> Denoiser:
         return out.clamp(-1, 1)
 
     return clipped_denoiser
+
+
+class ImageTiles:
+    """A whole-image denoiser used on tiles of the training size: to the model each tile is an image,
+    and it is conditioned as one (the baseline, Luhman's patching, Arakawa's grid with its own global
+    content and positions inside the tile, DiMR's class). The tile model of most methods."""
+
+    def __init__(self, denoiser: Denoiser, tile: tuple[int, int], halo: int = 0):
+        self.denoiser, self.tile, self.halo = denoiser, tuple(tile), halo
+
+    def __call__(self, x, sigma, boxes, **cond):
+        return self.denoiser(x, sigma, **cond)
+
+
+class GuidedTiles:
+    """A tile model with the method's classifier-free guidance and x0 clipping around it (per tile, so the
+    conditional and the null branch of a tile run in one call)."""
+
+    def __init__(self, model, method: "Method", guidance: float):
+        self.model, self.tile, self.halo = model, model.tile, getattr(model, "halo", 0)
+
+        def with_boxes(x, sigma, boxes=None, **cond):
+            return model(x, sigma, boxes, **cond)
+
+        denoiser = with_boxes if guidance == 1.0 else method.guided(with_boxes, guidance)
+        self.denoiser = clipped(denoiser) if method.clip_denoised else denoiser
+        if hasattr(model, "check_tile"):
+            self.check_tile = model.check_tile
+
+    def __call__(self, x, sigma, boxes, **cond):
+        return self.denoiser(x, sigma, boxes=boxes, **cond)
 
 
 def sampler_option_names(sampler: str) -> list[str]:
@@ -192,7 +224,48 @@ class Method(abc.ABC):
 
     # -- shared ------------------------------------------------------------------------------
     def check_canvas(self, height: int, width: int) -> None:
-        """Raise ConfigError when the method cannot sample a canvas of this size."""
+        """Raise ConfigError when the method cannot sample a canvas of this size in one piece."""
+
+    def check_tiled_canvas(self, height: int, width: int) -> None:
+        """Raise ConfigError when the method cannot sample an image of this size from tiles (a latent
+        method needs sides divisible by its VAE's factor)."""
+
+    # -- any size: tiles --------------------------------------------------------------------------
+    @property
+    def native_tile(self) -> tuple[int, int]:
+        """(h, w) of a tile in canvas units: what the network was trained on (the latent of it for a
+        latent method)."""
+        return tuple(self.canvas_shape(*self.resolution)[1:])
+
+    def tile_model(self, net: nn.Module, options: Any = None):
+        """How a tile of a larger canvas is denoised and conditioned (`diffusion/tiled.py: TileModel`).
+        Default: the method's denoiser on each tile, as on an image of the training size."""
+        return ImageTiles(self.denoiser(net, options), self.native_tile)
+
+    def default_tiling(self) -> TilingConfig:
+        """The tiling this method samples large canvases with unless told otherwise (see docs/any_size.md
+        for the measurements behind each method's choice)."""
+        return TilingConfig(window="cosine", grid="random")
+
+    def tiled_denoiser(self, net: nn.Module, options: Any = None, guidance: float = 1.0,
+                       tiling: TilingConfig | None = None, device=None, on_tiles=None) -> TiledDenoiser:
+        """A denoiser over whole canvases of any size made of tile calls, guidance and clipping per tile."""
+        model = GuidedTiles(self.tile_model(net, options), self, guidance)
+        try:
+            return TiledDenoiser(model, tiling or self.default_tiling(), device=device, on_tiles=on_tiles)
+        except TilingError as e:
+            raise ConfigError(str(e)) from None
+
+    def check_tiling(self, height: int, width: int, tiling: TilingConfig | None, net: nn.Module | None = None,
+                     options: Any = None) -> None:
+        """One clear line, before any work, when an H×W image cannot be made from tiles this way."""
+        self.check_tiled_canvas(height, width)
+        model = self.tile_model(net, options) if net is not None else ImageTiles(None, self.native_tile)
+        canvas = tuple(self.canvas_shape(height, width)[1:])
+        try:
+            check_tiling(canvas, tiling or self.default_tiling(), model)
+        except TilingError as e:
+            raise ConfigError(str(e)) from None
 
     @classmethod
     def make_options(cls, values: dict | None = None) -> Any:
@@ -220,27 +293,34 @@ class Method(abc.ABC):
         guidance: float = 1.0,
         sampler_options: dict | None = None,
         options: Any = None,
+        tiling: TilingConfig | None = None,
         progress: bool = False,
         callback: Callable[[dict], None] | None = None,
     ) -> torch.Tensor:
         """Draw len(rng) images (B, C, H, W) in [-1, 1]; image i depends only on rng's seed i.
 
         sampler_options: options of the sampler (e.g. S_churn for heun); one it does not take is an
-        error. options: the method's SampleOptions (or a mapping of them)."""
+        error. options: the method's SampleOptions (or a mapping of them). tiling: sample the canvas
+        from tiles of the model's size (diffusion/tiled.py), in memory; `sample.generate_canvas` is the
+        out-of-core path for canvases that do not fit."""
         height = height or self.resolution[0]
         width = width or self.resolution[1]
-        self.check_canvas(height, width)
         sampler = sampler or self.default_sampler
         sampler_fn = get_sampler(sampler)
         check_sampler_options(sampler, sampler_options or {})
         options = options if isinstance(options, self.SampleOptions) else self.make_options(options)
         sigmas = self.sampling_sigmas(steps or self.default_steps).to(rng.device)
         cond = self.sampling_condition(net, rng, labels, options)
-        denoiser = self.denoiser(net, options)
-        if guidance != 1.0:
-            denoiser = self.guided(denoiser, guidance)
-        if self.clip_denoised:
-            denoiser = clipped(denoiser)
+        if tiling is not None:
+            self.check_tiling(height, width, tiling, net, options)
+            denoiser = self.tiled_denoiser(net, options, guidance, tiling)
+        else:
+            self.check_canvas(height, width)
+            denoiser = self.denoiser(net, options)
+            if guidance != 1.0:
+                denoiser = self.guided(denoiser, guidance)
+            if self.clip_denoised:
+                denoiser = clipped(denoiser)
         x = rng.randn(*self.canvas_shape(height, width)) * sigmas[0]
         with torch.no_grad():
             out = sampler_fn(

@@ -199,8 +199,9 @@ class DiMRMethod(LatentSpaceMixin, Method):
         f = self.downsample
         if (height // f, width // f) != self.canvas_size or height % f or width % f:
             raise ConfigError(
-                f"DiMR samples at its training size {self.resolution[1]}x{self.resolution[0]} only "
-                f"(its position embeddings are learned for it); got {width}x{height}"
+                f"DiMR samples at its training size {self.resolution[1]}x{self.resolution[0]} in one piece "
+                f"(its position embeddings are learned for it); got {width}x{height}: make larger images from "
+                "tiles of the training size (`patchdiff sample --size WxH`, or Method.sample(tiling=...))"
             )
 
 

@@ -89,12 +89,30 @@ def draw_patch_size(sizes: list[int], probs: list[float], seed: int, progress: f
     return sizes[int((cumulative <= u).sum())]
 
 
-def coordinate_grid(height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """(2, H, W): channel 0 x = 2·(j/(W−1) − 0.5) along columns, channel 1 y = 2·(i/(H−1) − 0.5) along rows."""
-    x = (torch.arange(width, dtype=torch.float64) / max(width - 1, 1) - 0.5) * 2
-    y = (torch.arange(height, dtype=torch.float64) / max(height - 1, 1) - 0.5) * 2
-    grid = torch.stack([x.expand(height, width), y[:, None].expand(height, width)])
+def coordinate_grid(height: int, width: int, device=None, dtype=torch.float32, top: int = 0, left: int = 0,
+                    rows: int | None = None, cols: int | None = None) -> torch.Tensor:
+    """(2, rows, cols) of the H×W canvas's grid from (top, left): channel 0 x = 2·(j/(W−1) − 0.5) along
+    columns, channel 1 y = 2·(i/(H−1) − 0.5) along rows (by default the whole canvas). Positions off the
+    canvas (a tile on a moved grid) continue the same lines."""
+    rows, cols = height if rows is None else rows, width if cols is None else cols
+    x = ((torch.arange(cols, dtype=torch.float64) + left) / max(width - 1, 1) - 0.5) * 2
+    y = ((torch.arange(rows, dtype=torch.float64) + top) / max(height - 1, 1) - 0.5) * 2
+    grid = torch.stack([x.expand(rows, cols), y[:, None].expand(rows, cols)])
     return grid.to(device=device, dtype=dtype)
+
+
+class CoordinateTiles:
+    """Patch Diffusion on tiles of a larger canvas: each tile sees the coordinate channels of its own
+    place in the canvas (Wang et al.'s coordinates of a patch in its image), so the tiles of one canvas
+    share one coordinate system, as the patches of a training image do."""
+
+    def __init__(self, net, sigma_data: float, tile: tuple[int, int]):
+        self.precond, self.tile, self.halo = EDMPrecond(net, sigma_data=sigma_data), tuple(tile), 0
+
+    def __call__(self, x, sigma, boxes, **cond):
+        grids = torch.stack([coordinate_grid(*box.canvas, device=x.device, dtype=x.dtype, top=box.top, left=box.left,
+                                             rows=box.height, cols=box.width) for box in boxes])
+        return self.precond(x, sigma, extra_channels=grids, **cond)
 
 
 def crop(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: int) -> torch.Tensor:
@@ -227,13 +245,15 @@ class PatchDiffusionMethod(LatentSpaceMixin, Method):
 
         return with_coordinates
 
+    def tile_model(self, net, options=None) -> CoordinateTiles:
+        return CoordinateTiles(net, self.config.sigma_data, self.native_tile)
+
     def sampling_sigmas(self, steps: int) -> torch.Tensor:
         return edm_sampling_sigmas(self.config, steps)
 
     def check_canvas(self, height: int, width: int) -> None:
+        self.check_tiled_canvas(height, width)
         f = self.downsample
-        if height % f or width % f:
-            raise ConfigError(f"canvas {width}x{height} is not divisible by the VAE's factor {f}")
         check_divisible(self.config.net, height // f, width // f)
 
 
