@@ -8,7 +8,6 @@ for files. Image i depends only on its seed, whatever the batch size.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import torch
 
 from patchdiffusion.config import RunConfig
 from patchdiffusion.diffusion.tiled import TilingConfig
-from patchdiffusion.errors import ConfigError
+from patchdiffusion.errors import ConfigError, did_you_mean
 from patchdiffusion.images import save_grid, save_png, to_uint8
 from patchdiffusion.methods.base import check_sampler_options, sampler_option_names
 from patchdiffusion.rng import SampleRNG, mix_seed
@@ -43,11 +42,10 @@ def split_options(method, sampler: str, values: dict) -> tuple[dict, dict]:
         elif key in method_names:
             for_method[key] = value
         else:
-            close = difflib.get_close_matches(key, sampler_names + method_names, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(
-                f"unknown sampling option '{key}'{hint}: sampler '{sampler}' takes {', '.join(sampler_names) or 'none'}"
-                f"; method '{method.name}' takes {', '.join(method_names) or 'none'}"
+                f"unknown sampling option '{key}'{did_you_mean(key, sampler_names + method_names)}: sampler "
+                f"'{sampler}' takes {', '.join(sampler_names) or 'none'}; method '{method.name}' takes "
+                f"{', '.join(method_names) or 'none'}"
             )
     return for_sampler, for_method
 

@@ -215,7 +215,7 @@ def test_misspelt_sampler_option_is_one_line_in_the_api_and_cli(tiny_run, tmp_pa
     with pytest.raises(ConfigError, match=r"unknown sampling option 'S_churm' \(did you mean 'S_churn'\?\)"):
         generate_images(tiny_run, tmp_path / "a", num=1, steps=2, progress=False, S_churm=5)
     for argv, expected in [
-        (["--S_churm", "5"], "unknown argument '--S_churm' (did you mean --S_churn?)"),
+        (["--S_churm", "5"], "unknown argument '--S_churm' (did you mean '--S_churn'?)"),
         (["--eta", "0.5"], "unknown sampling option 'eta': sampler 'heun' takes S_churn, S_min, S_max, S_noise"),
         (["--code-from", "1"], "unknown sampling option 'code_from': sampler 'heun' takes"),
     ]:
