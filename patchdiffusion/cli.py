@@ -281,7 +281,7 @@ def cmd_sample(args, extra: list[str]) -> int:
         from patchdiffusion.run import load_run
         from patchdiffusion.runtime import resolve_device
 
-        loaded = load_run(args.run, resolve_device(args.device), not args.no_ema)
+        loaded = load_run(args.run, resolve_device(args.device), False if args.no_ema else None)
         tiling = tiling_config(loaded.method, args.tile, args.overlap, args.window, args.grid,
                                True if args.wrap else None, args.tile_batch, seed=args.seed)
         paths = generate_canvases(args.run, out, tiling=tiling, storage=args.canvas or "auto",

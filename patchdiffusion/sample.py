@@ -115,11 +115,6 @@ def generate_images(
         raise ConfigError("--batch must be at least 1")
     device = resolve_device(device)
     if loaded is None:
-        if use_ema is None:
-            from patchdiffusion.config import load_config
-
-            config_path = Path(run_dir) / "config.yaml"
-            use_ema = load_config(config_path).sample.use_ema if config_path.is_file() else True
         loaded = load_run(run_dir, device, use_ema)
     method, config = loaded.method, loaded.config
     chosen_sampler = sampler or config.sample.sampler or method.default_sampler
@@ -228,7 +223,7 @@ def generate_canvases(
         raise ConfigError(f"image format must be one of {', '.join(IMAGE_FORMATS)}, got {image_format!r}")
     device = resolve_device(device)
     if loaded is None:
-        loaded = load_run(run_dir, device, True if use_ema is None else use_ema)
+        loaded = load_run(run_dir, device, use_ema)
     method, config, net = loaded.method, loaded.config, loaded.net
     height, width = height or config.data.resolution[0], width or config.data.resolution[1]
     sampler = sampler or config.sample.sampler or method.default_sampler

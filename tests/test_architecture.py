@@ -223,3 +223,20 @@ def test_misspelt_sampler_option_is_one_line_in_the_api_and_cli(tiny_run, tmp_pa
                      "--no-progress", *argv])
         err = capsys.readouterr().err
         assert code == 2 and expected in err and err.count("\n") == 1, err
+
+
+def test_sample_use_ema_is_read(tiny_run, tmp_path):
+    """SampleConfig.use_ema decides which weights sampling loads unless the caller says."""
+    import shutil
+
+    from patchdiffusion.config import apply_overrides, load_config, save_config
+    from patchdiffusion.run import latest_checkpoint, load_run, load_weights
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    checkpoint = latest_checkpoint(run)
+    for use_ema, which in ((True, "ema"), (False, "net")):
+        save_config(apply_overrides(load_config(run / "config.yaml"), [f"sample.use_ema={use_ema}"]), run / "config.yaml")
+        loaded = load_run(run, use_ema=None)
+        expected = load_weights(checkpoint, which)
+        assert all(torch.equal(v, expected[k]) for k, v in loaded.net.state_dict().items())
