@@ -174,6 +174,15 @@ def tiling_config(method, tile=None, overlap=None, window=None, grid=None, wrap=
     return dataclasses.replace(base, **changes)
 
 
+def _digest(value) -> str:
+    """A short fingerprint of a conditioning value (a tensor's bytes, else its repr)."""
+    import hashlib
+
+    if isinstance(value, torch.Tensor):
+        return hashlib.sha256(value.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+    return repr(value)
+
+
 def _job_key(loaded: LoadedRun, parts: dict) -> str:
     """What a canvas depends on besides the sampler's parameters: the weights and the method's settings."""
     import hashlib
@@ -261,7 +270,7 @@ def generate_canvases(
             else:  # to_uint8's rounding clamps to [-1, 1], as the method's decode would
                 (write_png if image_format == "png" else write_tiff)(path, x)
 
-        job_key = _job_key(loaded, {"options": repr(method_options), "cond": {k: repr(v) for k, v in cond.items()},
+        job_key = _job_key(loaded, {"options": repr(method_options), "cond": {k: _digest(v) for k, v in cond.items()},
                                     "guidance": guidance, "format": image_format, "size": [height, width]})
         sample_canvas(sampler, denoiser, shape, sigmas, seeds=mix_seed(SAMPLE_STREAM, image_seed), extra_args=cond,
                       options=run_options, storage=storage, folder=out_dir, job=out_dir / f".job-{image_seed:06d}",
