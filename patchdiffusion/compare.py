@@ -533,15 +533,22 @@ class EntryWorker:
         return study.get("inception")
 
     def memory(self) -> None:
-        """Peak sampling memory and time of `memory_batch` images at the training size (fresh process)."""
+        """Peak sampling memory of `memory_batch` images and of one image at the training size (a fresh process
+        each): the first is what sampling takes, their difference per extra image is the memory that grows
+        with the images (activations), without the fixed costs (allocator, kernels' scratch) that dominate
+        small models on a CPU."""
         if "memory" in self.state:
             return
         self.save_state("memory at the training size")
         config = load_config(self.run_dir / "config.yaml")
-        size = list(config.data.resolution)
-        result = run_probe({"run_dir": str(self.run_dir), "kind": "images", "num": self.settings.memory_batch,
-                            "size": size, "seed": MEMORY_SEED0})
-        self.state["memory"] = {**result, "size": size, "batch": self.settings.memory_batch}
+        size, batch = list(config.data.resolution), self.settings.memory_batch
+        result = run_probe({"run_dir": str(self.run_dir), "kind": "images", "num": batch, "size": size,
+                            "seed": MEMORY_SEED0})
+        one = result if batch == 1 else run_probe({"run_dir": str(self.run_dir), "kind": "images", "num": 1,
+                                                   "size": size, "seed": MEMORY_SEED0})
+        per_image = None if batch == 1 else (result["peak_working_bytes"] - one["peak_working_bytes"]) / (batch - 1)
+        self.state["memory"] = {**result, "size": size, "batch": batch, "peak_working_bytes_one": one["peak_working_bytes"],
+                                "per_image_bytes": per_image}
         self.save_state()
 
     def large(self) -> None:
@@ -574,7 +581,7 @@ class EntryWorker:
         tile, overlap = resolve_tiling(tiling, method.native_tile)
         factor = method.resolution[0] // method.native_tile[0]  # pixels per canvas unit (a latent method's VAE)
         period = [(tile[0] - overlap[0]) * factor, (tile[1] - overlap[1]) * factor]
-        image = np.asarray(Image.open(self.out_dir / self.state["large"]["image"]).convert("RGB"))
+        image = np.array(Image.open(self.out_dir / self.state["large"]["image"]).convert("RGB"))
         profile = seam_profile(torch.from_numpy(image).permute(2, 0, 1)[None], tuple(period))
         self.state["seams"] = {**profile.as_dict(), "tiling": {"tile": [t * factor for t in tile],
                                                              "overlap": [o * factor for o in overlap],
@@ -651,6 +658,9 @@ class EntryWorker:
                     "wall_seconds_per_image": figure(final["wall_seconds"] / final["images"], "seconds per image"),
                     "peak_memory": figure(memory["peak_working_bytes"], "bytes above the loaded model",
                                           batch=memory["batch"], peak_reset=memory["peak_reset"]),
+                    "peak_memory_one_image": figure(memory["peak_working_bytes_one"], "bytes above the loaded model"),
+                    "memory_per_image": figure(memory["per_image_bytes"], "bytes per extra image (peak at the batch "
+                                               "minus peak at one image, over batch - 1)"),
                 },
                 "large_size": {
                     "size": large["size"],
@@ -996,7 +1006,8 @@ def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     """The main table: one row per entry."""
     header = ["entry", "params (M)", "MFLOPs/eval", "train MFLOPs/img", "steps", "images seen", "train CPU min",
               f"SWD@{results['settings']['images']}", "sampler", "sample CPU s/img",
-              "peak mem MB (train size)", "large canvas CPU s", "peak mem MB (large)", "seam on grid", "seam worst"]
+              f"peak mem MB ({results['settings']['memory_batch']} imgs)", "MB per extra img", "large canvas CPU s",
+              "peak mem MB (large)", "seam on grid", "seam worst"]
     if results.get("inception"):
         header[8:8] = ["FID", "KID", "precision", "recall"]
     rows = []
@@ -1010,6 +1021,8 @@ def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
                + (f" ×{r['sampler']['guidance']:g}" if r["sampler"]["guidance"] != 1 else ""),
                _fmt(smp["train_size"]["cpu_seconds_per_image"]["value"]),
                _fmt(smp["train_size"]["peak_memory"]["value"] / 2**20),
+               _fmt(None if smp["train_size"]["memory_per_image"]["value"] is None
+                    else smp["train_size"]["memory_per_image"]["value"] / 2**20),
                _fmt(smp["large_size"]["cpu_seconds"]["value"]),
                _fmt(smp["large_size"]["peak_memory"]["value"] / 2**20),
                _fmt(seams["at_grid"]["value"]), _fmt(seams["worst"]["value"])]
@@ -1049,12 +1062,14 @@ def make_plots(out_dir: Path, results: dict) -> dict[str, Path]:
         ("sampling CPU s per image\n(training size)", [entries[k]["sampling"]["train_size"]["cpu_seconds_per_image"]["value"] for k in labels]),
         (f"peak sampling memory MB, {results['settings']['memory_batch']} images\n(training size, above the model)",
          [entries[k]["sampling"]["train_size"]["peak_memory"]["value"] / 2**20 for k in labels]),
+        ("sampling memory MB per extra image\n(training size)",
+         [(entries[k]["sampling"]["train_size"]["memory_per_image"]["value"] or 0) / 2**20 for k in labels]),
         ("CPU s per large canvas\n({}x{})".format(results["settings"]["large_size"][1], results["settings"]["large_size"][0]),
          [entries[k]["sampling"]["large_size"]["cpu_seconds"]["value"] for k in labels]),
         ("peak sampling memory MB\n(large canvas, above the model)",
          [entries[k]["sampling"]["large_size"]["peak_memory"]["value"] / 2**20 for k in labels]),
     ]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.8))
     for ax, (title, values) in zip(axes, panels):
         ax.bar(range(len(labels)), values, color=[f"C{i}" for i in range(len(labels))])
         ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
@@ -1086,8 +1101,10 @@ def _report_parts(out_dir: Path, results: dict) -> dict:
         "FLOPs are multiply-adds per image (DiT's convention): one network evaluation over the whole "
         "training-size image, and a training example (3 × the loss's forward).",
         f"Sampling time: CPU seconds per image over the {s['images']} final samples; peak memory: resident "
-        f"bytes above the loaded model, fresh process, {s['memory_batch']} images at the training size and one "
-        f"{s['large_size'][1]}x{s['large_size'][0]} canvas made of training-size tiles (each method's default tiling).",
+        f"bytes above the loaded model, fresh process, {s['memory_batch']} images at the training size (and the "
+        f"growth per extra image: peak at {s['memory_batch']} minus peak at 1, over {s['memory_batch']} - 1, which "
+        f"leaves out fixed costs) and one {s['large_size'][1]}x{s['large_size'][0]} canvas made of training-size "
+        "tiles (each method's default tiling).",
         "Seams: seam score of the large canvas at its tiles' period, on the grid's own lines and at the worst "
         "offset (1 = seamless), beside real images' figures at the same period.",
     ]

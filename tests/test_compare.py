@@ -32,14 +32,31 @@ def tiny_settings(**changes) -> CompareSettings:
     return CompareSettings(**{**values, **changes})
 
 
+def train_own_run(run_dir):
+    """A user's own run (3 steps of a tiny full-image model) to join a comparison."""
+    from patchdiffusion.train import train
+
+    config = apply_overrides(RunConfig(), ["method=full"])
+    config = apply_overrides(config, TINY_METHODS["full"] + [
+        "data.resolution=16", "train.steps=3", "train.batch_size=2", "train.sample_images=0", "train.device=cpu",
+        "sample.num_steps=3"])
+    train(config, run_dir, progress=False, log=lambda m: None)
+
+
 def test_two_method_comparison_writes_results_and_reports(tmp_path):
+    """Two methods trained here and a run directory: results.json's fields, both reports, then a resume."""
+    train_own_run(tmp_path / "mine")
     out = tmp_path / "cmp"
-    results = run_comparison(tiny_settings(), out, jobs=2, progress=False, log=lambda m: None, command="test")
+    settings = tiny_settings(methods=[*TWO, str(tmp_path / "mine")])
+    results = run_comparison(settings, out, jobs=2, progress=False, log=lambda m: None, command="test")
     on_disk = json.loads((out / "results.json").read_text())
-    assert on_disk["entries"].keys() == set(TWO) == results["entries"].keys()
+    assert on_disk["entries"].keys() == {*TWO, "mine"} == results["entries"].keys()
     assert on_disk["command"] == "test" and on_disk["machine"]["cpu_count"] >= 1
     floor = on_disk["reference"]["swd_train_vs_held_out"]
     assert floor["value"] > 0 and "SWD" in floor["unit"]
+    mine = on_disk["entries"].pop("mine")  # the user's run: evaluated as it is, not trained again
+    assert mine["method"] == "full" and not mine["trained_here"] and mine["training"]["steps"]["value"] == 3
+    assert mine["quality"]["swd"]["value"] > 0 and mine["seams"]["worst"]["value"] > 0
     for label, record in on_disk["entries"].items():
         assert record["method"] == label and record["trained_here"]
         for group, names in {"network": ("parameters", "forward_flops", "train_flops", "sampling_flops"),
@@ -58,6 +75,7 @@ def test_two_method_comparison_writes_results_and_reports(tmp_path):
         for part in ("train_size", "large_size"):
             assert sampling[part]["peak_memory"]["unit"].startswith("bytes")
             assert sampling[part]["peak_memory"]["value"] > 0
+        assert sampling["train_size"]["memory_per_image"]["unit"].startswith("bytes per extra image")
         assert sampling["train_size"]["cpu_seconds_per_image"]["value"] > 0
         seams = record["seams"]
         for name in ("at_grid", "worst", "real_at_grid", "real_worst"):
@@ -76,13 +94,14 @@ def test_two_method_comparison_writes_results_and_reports(tmp_path):
 
     # The same call again: nothing is trained or evaluated again, the reports are rewritten.
     before = {label: (out / label / "record.json").stat().st_mtime_ns for label in TWO}
-    again = run_comparison(tiny_settings(), out, jobs=2, progress=False, log=lambda m: None, command="test")
+    again = run_comparison(settings, out, jobs=2, progress=False, log=lambda m: None, command="test")
     assert {label: (out / label / "record.json").stat().st_mtime_ns for label in TWO} == before
     assert again["entries"]["full"]["quality"]["swd"] == results["entries"]["full"]["quality"]["swd"]
 
     # Other settings in the same folder are refused in one line naming what changed.
     with pytest.raises(ConfigError, match="cpu_minutes"):
-        run_comparison(tiny_settings(cpu_minutes=0.02), out, progress=False, log=lambda m: None)
+        run_comparison(tiny_settings(methods=settings.methods, cpu_minutes=0.02), out, progress=False,
+                       log=lambda m: None)
 
 
 def test_a_half_trained_entry_resumes_from_its_checkpoint(tmp_path):
@@ -91,11 +110,11 @@ def test_a_half_trained_entry_resumes_from_its_checkpoint(tmp_path):
     from patchdiffusion.compare import EntryWorker, prepare_study
 
     out = tmp_path / "cmp"
-    settings = tiny_settings(methods=["full"])
+    settings = tiny_settings(methods=["full"], cpu_minutes=0.06)  # the first step alone costs a few CPU seconds
     prepare_study(settings, out, "test")
     worker = EntryWorker(out, "full")
-    worker.settings.curve_points = 1  # train only up to half of the budget, as if interrupted there
-    worker.settings.cpu_minutes = settings.cpu_minutes / 2
+    worker.settings.curve_points = 1  # train a single step, as if interrupted there
+    worker.settings.cpu_minutes = 1e-4
     worker.train()
     first = runs.latest_checkpoint(out / "full" / "run")
     assert first is not None
@@ -104,23 +123,6 @@ def test_a_half_trained_entry_resumes_from_its_checkpoint(tmp_path):
     assert f"resumed from {first.path} at step {first.step}" in log
     record = json.loads((out / "full" / "record.json").read_text())
     assert record["training"]["steps"]["value"] > first.step
-
-
-def test_a_run_directory_joins_the_comparison(tmp_path):
-    from patchdiffusion.train import train
-
-    config = apply_overrides(RunConfig(), ["method=full"])
-    config = apply_overrides(config, TINY_METHODS["full"] + [
-        "data.resolution=16", "train.steps=3", "train.batch_size=2", "train.sample_images=0", "train.device=cpu",
-        "sample.num_steps=3"])
-    train(config, tmp_path / "mine", progress=False, log=lambda m: None)
-    entries = resolve_entries([str(tmp_path / "mine")])
-    assert entries[0].method == "full" and entries[0].label == "mine" and entries[0].run
-    settings = tiny_settings(methods=[str(tmp_path / "mine")], overrides=[])
-    results = run_comparison(settings, tmp_path / "cmp", progress=False, log=lambda m: None, command="test")
-    record = results["entries"]["mine"]
-    assert not record["trained_here"] and record["training"]["steps"]["value"] == 3
-    assert record["quality"]["swd"]["value"] > 0
 
 
 def test_entries_and_overrides_are_checked_in_one_line(tmp_path):
@@ -155,9 +157,9 @@ def forward_macs(method, net) -> float:
 
 
 def test_default_comparison_networks_are_matched_within_the_tolerance():
-    """Every method's comparison network at 32² (and 64²) builds; parameters and FLOPs per evaluation agree
-    within COMPARISON_TOLERANCE, except what a method declares unmatched (and says why)."""
-    for side in (32, 64):
+    """Every method's comparison network at 32² builds; parameters and FLOPs per evaluation agree within
+    COMPARISON_TOLERANCE, except what a method declares unmatched (and says why)."""
+    for side in (32,):
         params, flops = {}, {}
         for name in method_names():
             cls = method_class(name)
@@ -185,7 +187,8 @@ def fake_record(method, swd=50.0, flops=250e6, train_flops=750e6, cpu_per_image=
             "training": {"steps": fig(1000), "cpu_seconds_per_image": fig(cpu_per_image)},
             "curve": [{"point": i + 1, "cpu_seconds": c, "swd": s} for i, (c, s) in enumerate(curve)],
             "quality": {"swd": fig(swd), "swd_curve_last_change": fig(2.0)},
-            "sampling": {"train_size": {"batch": 16, "peak_memory": fig(memory), "cpu_seconds_per_image": fig(0.3)},
+            "sampling": {"train_size": {"batch": 16, "peak_memory": fig(memory + 20e6), "memory_per_image": fig(memory / 16),
+                                        "cpu_seconds_per_image": fig(0.3)},
                          "large_size": {"peak_memory": fig(large_memory)}},
             "seams": {"period": [24, 24], "tiling": {"grid": "fixed"}, "at_grid": fig(at_grid), "worst": fig(worst),
                       "real_at_grid": fig(1.0), "real_worst": fig(1.1)}}
