@@ -219,3 +219,24 @@ def test_claim_verdicts_follow_the_figures():
     assert verdict("dimr", {"full": full, "d": fake_record("dimr", swd=51, flops=280e6)}).startswith("not shown")
     assert verdict("dimr", {"full": full, "d": fake_record("dimr", flops=1e9)}).startswith("not testable")
     assert size_match({"full": full, "d": fake_record("dimr", flops=280e6)})["forward_flops"]["within_tolerance"]
+
+
+def test_an_inception_file_adds_fid_kid_and_precision_recall_without_retraining(tmp_path):
+    """Given later, an Inception file (random weights here: the pipeline runs, the numbers mean nothing)
+    only adds the Inception metrics to finished entries."""
+    from patchdiffusion.eval.inception import build_inception
+
+    out = tmp_path / "cmp"
+    settings = tiny_settings(methods=["full"], images=4, curve_images=2, curve_points=1)
+    run_comparison(settings, out, progress=False, log=lambda m: None, command="test")
+    steps = json.loads((out / "full" / "record.json").read_text())["training"]["steps"]["value"]
+    weights = tmp_path / "pt_inception-random.pth"
+    torch.save(build_inception(seed=0).state_dict(), weights)
+    settings.inception = str(weights)
+    results = run_comparison(settings, out, progress=False, log=lambda m: None, command="test")
+    quality = results["entries"]["full"]["quality"]
+    for key in ("fid", "kid", "precision", "recall"):
+        assert quality[key]["value"] is not None and quality[key]["images"] == 4, (key, quality[key])
+    assert results["entries"]["full"]["training"]["steps"]["value"] == steps
+    assert (out / "full" / "log.txt").read_text().count("training 'full'") == 1
+    assert "FID" in (out / "report.md").read_text()
