@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import sys
 import time
 import typing
 from pathlib import Path
 
 from patchdiffusion.config import number_arg, positive_int, seed_int, size_arg
-from patchdiffusion.errors import ConfigError, TrainingDiverged, UserError
+from patchdiffusion.errors import ConfigError, TrainingDiverged, UserError, did_you_mean
 
 EPILOG_TRAIN = """\
 Any config value can be set as key=value (or --key value): a full dotted path such as
@@ -77,9 +76,7 @@ def _refuse_extra(extra: list[str], parser: argparse.ArgumentParser) -> None:
         return
     word = extra[0]
     flags = [s for action in parser._actions for s in action.option_strings]
-    close = difflib.get_close_matches(word.split("=")[0], flags, n=1)
-    hint = f" (did you mean {close[0]}?)" if close else ""
-    raise ConfigError(f"unknown argument '{word}'{hint}")
+    raise ConfigError(f"unknown argument '{word}'{did_you_mean(word.split('=')[0], flags)}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -285,7 +282,7 @@ def cmd_sample(args, extra: list[str]) -> int:
         from patchdiffusion.run import load_run
         from patchdiffusion.runtime import resolve_device
 
-        loaded = load_run(args.run, resolve_device(args.device), not args.no_ema)
+        loaded = load_run(args.run, resolve_device(args.device), False if args.no_ema else None)
         tiling = tiling_config(loaded.method, args.tile, args.overlap, args.window, args.grid,
                                True if args.wrap else None, args.tile_batch, seed=args.seed)
         paths = generate_canvases(args.run, out, tiling=tiling, storage=args.canvas or "auto",

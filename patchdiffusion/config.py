@@ -10,7 +10,6 @@ to rebuild the model there. Values come from dataclass defaults, then a YAML fil
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import types
 import typing
@@ -20,7 +19,7 @@ from typing import Any, ClassVar, Union
 
 import yaml
 
-from patchdiffusion.errors import ConfigError
+from patchdiffusion.errors import ConfigError, did_you_mean
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,8 +264,7 @@ def from_dict(cls: type, values: dict, where: str = "") -> Any:
     unknown = [k for k in values if k not in names]
     if unknown:
         key = unknown[0]
-        close = difflib.get_close_matches(key, names, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(names)})"
+        hint = did_you_mean(key, names) or f" (known: {', '.join(names)})"
         raise ConfigError(f"unknown config key '{where + '.' if where else ''}{key}'{hint}")
     kwargs = {}
     for name, value in values.items():
@@ -365,8 +363,7 @@ def apply_overrides(config: RunConfig, overrides: list[str] | dict[str, Any]) ->
             if len(matches) > 1:
                 raise ConfigError(f"config key '{key}' is ambiguous: write one of {', '.join(matches)}")
             if not matches:
-                close = difflib.get_close_matches(key, paths + [p.rsplit('.', 1)[-1] for p in paths], n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                hint = did_you_mean(key, paths + [p.rsplit('.', 1)[-1] for p in paths])
                 raise ConfigError(f"unknown config key '{key}'{hint}")
             full = matches[0]
         node = values

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import difflib
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from torch import nn
 from patchdiffusion.diffusion.samplers import get_sampler
 from patchdiffusion.diffusion.schedules import schedule_from_name
 from patchdiffusion.diffusion.tiled import TiledDenoiser, TilingConfig, TilingError, check_tiling
-from patchdiffusion.errors import ConfigError
+from patchdiffusion.errors import ConfigError, did_you_mean
 from patchdiffusion.rng import SampleRNG
 
 Denoiser = Callable[..., Any]
@@ -101,10 +100,9 @@ def check_sampler_options(sampler: str, options: dict) -> None:
     accepted = sampler_option_names(sampler)
     for key in options:
         if key not in accepted:
-            close = difflib.get_close_matches(key, accepted, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
             known = ", ".join(accepted) if accepted else "none"
-            raise ConfigError(f"sampler '{sampler}' has no option '{key}'{hint}; its options: {known}")
+            raise ConfigError(f"sampler '{sampler}' has no option '{key}'{did_you_mean(key, accepted)}; "
+                              f"its options: {known}")
 
 
 @dataclass(frozen=True)
@@ -343,10 +341,9 @@ class Method(abc.ABC):
         names = [f.name for f in dataclasses.fields(cls.SampleOptions)]
         for key in values:
             if key not in names:
-                close = difflib.get_close_matches(key, names, n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
                 known = ", ".join(names) if names else "none"
-                raise ConfigError(f"method '{cls.name}' has no sampling option '{key}'{hint}; its options: {known}")
+                raise ConfigError(f"method '{cls.name}' has no sampling option '{key}'{did_you_mean(key, names)}; "
+                                  f"its options: {known}")
         return cls.SampleOptions(**values)
 
     def sample(
