@@ -168,18 +168,21 @@ class PatchDiffusionMethod(LatentSpaceMixin, Method):
     @classmethod
     def comparison_claims(cls, records: dict[str, dict]) -> list[Claim]:
         claim = "about 2× faster training than full-image training to the same quality (Wang et al. 2023)"
-        test = ("training CPU time until its SWD curve first reaches the full-image run's last curve SWD, over "
-                "that run's budget (0.5 = 2× faster); same U-Net, data, batch and CPU budget")
+        test = ("training CPU time until its SWD curve first reaches the quality the full-image run ends with (the "
+                "mean of its last two curve points: single checkpoints swing), over that run's budget (0.5 = 2× "
+                "faster); same U-Net, data, batch and CPU budget")
         mine, full = comparison_record(records, cls.name), comparison_record(records, "full")
         if mine is None or full is None:
             return [Claim(cls.name, claim, test, "not testable", "needs a 'full' entry in the same comparison")]
-        target, budget = full["curve"][-1]["swd"], full["curve"][-1]["cpu_seconds"]
+        last = full["curve"][-2:]
+        target, budget = sum(p["swd"] for p in last) / len(last), full["curve"][-1]["cpu_seconds"]
         reached = time_to_reach(mine["curve"], target)
         share = ratio(reached, budget)
         noise = max(filter(None, [record_value(r, "quality.swd_curve_last_change") for r in (mine, full)]), default=0)
         curve = ", ".join(f"{p['swd']:.0f}@{p['cpu_seconds'] / 60:.1f}min" for p in mine["curve"] if p["cpu_seconds"])
         evidence = (
-            f"full reaches curve SWD {target:.1f} at {budget / 60:.1f} CPU min; {cls.name} curve: {curve}; "
+            f"full ends at curve SWD {target:.1f} (mean of its last {len(last)} points, budget {budget / 60:.1f} CPU min); "
+            f"{cls.name} curve: {curve}; "
             + (f"reached at {share:.2f} of the budget" if share is not None else "never reached it")
             + f"; final SWD {record_value(mine, 'quality.swd'):.1f} vs {record_value(full, 'quality.swd'):.1f}; "
             f"train multiply-adds per image {record_value(mine, 'network.train_flops') / 1e6:.0f}M vs "
@@ -193,7 +196,8 @@ class PatchDiffusionMethod(LatentSpaceMixin, Method):
             verdict = "holds"
         else:
             verdict = "partly"
-        if verdict != "does not hold" and noise > 0 and abs(mine["curve"][-1]["swd"] - target) < noise:
+        mine_end = sum(p["swd"] for p in mine["curve"][-2:]) / len(mine["curve"][-2:])
+        if verdict != "does not hold" and noise > 0 and abs(mine_end - target) < noise:
             verdict += " (within noise)"
         return [Claim(cls.name, claim, test, verdict, evidence)]
 
