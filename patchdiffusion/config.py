@@ -106,7 +106,8 @@ class TrainConfig:
     batch_size: int = 32                 # global batch, summed over all processes
     steps: int = 2000                    # optimizer steps in total
     max_minutes: float = 0.0             # stop early after this much wall time (0 = no limit); a checkpoint is written
-    max_cpu_minutes: float = 0.0         # stop after this much CPU time spent in training steps (0 = no limit);
+    max_cpu_minutes: float = 0.0         # stop after this much CPU time spent in training steps (0 = no limit),
+                                         # counted over the whole run like steps (a resume continues the count);
                                          # unlike wall time it ignores other load, so benchmarks budget with it
     lr: float = 2e-4                     # peak learning rate (AdamW)
     weight_decay: float = 0.0

@@ -16,7 +16,7 @@ from patchdiffusion.registry import method_names
 from patchdiffusion.rng import SampleRNG
 
 PACKAGE = Path(patchdiffusion.__file__).parent
-GENERIC = ["cli.py", "train.py", "sample.py", "presets.py", "eval"]
+GENERIC = ["cli.py", "train.py", "sample.py", "presets.py", "eval", "compare.py"]
 
 
 def python_files(*names: str) -> list[Path]:
@@ -28,7 +28,7 @@ def python_files(*names: str) -> list[Path]:
 
 
 def test_generic_modules_name_no_method():
-    """cli.py, train.py, sample.py, presets.py and eval/ know no method by name."""
+    """cli.py, train.py, sample.py, presets.py, eval/ and compare.py know no method by name."""
     patterns = {}
     for name in method_names():
         # "full" is an English word: only its use as a name (a quoted string) counts.
