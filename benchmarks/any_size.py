@@ -17,7 +17,7 @@ Three parts, each writing its section of benchmarks/results/any_size.json (and t
 
     python -m benchmarks.any_size memory [--sizes 1024 16384]
     python -m benchmarks.any_size seams [--train-cpu-minutes 4] [--study-size 384x256] [--size 1536x1024]
-    python -m benchmarks.any_size gigapixel [--size 32768] [--steps 3] [--kill-after 900]
+    python -m benchmarks.any_size gigapixel [--size 32768] [--steps 2] [--kill-after-checkpoint 120]
 
 Work folders default to ./runs/any_size (models) and a temp folder (canvases), so reruns reuse models.
 """
@@ -105,16 +105,25 @@ def peak_rss_of(proc: subprocess.Popen) -> int:
         return 0
 
 
-def run_watched(argv: list[str], kill_after: float | None = None, threads: int = 2) -> dict:
-    """A CLI command in a fresh process, its peak RSS sampled until it ends (or is killed)."""
+def run_watched(argv: list[str], kill_after: float | None = None, threads: int = 2,
+                kill_after_checkpoint: tuple[Path, float] | None = None) -> dict:
+    """A CLI command in a fresh process, its peak RSS sampled until it ends (or is killed).
+
+    ``kill_after_checkpoint=(job_folder, S)``: SIGKILL it S seconds after the canvas job's first step
+    checkpoint (`step-N/`, renamed into place once complete) appears, so the kill lands inside a step."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    began, peak, killed = time.time(), 0, False
+    began, peak, killed, checkpoint_seen = time.time(), 0, False, None
     with tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen([sys.executable, "-m", "patchdiffusion.cli", *argv], stderr=err,
-                                stdout=subprocess.DEVNULL, text=True, env=env)
+                                stdout=err, text=True, env=env)  # the CLI reports resumes on stdout
         while proc.poll() is None:
             peak = max(peak, peak_rss_of(proc))
-            if kill_after is not None and time.time() - began > kill_after:
+            if kill_after_checkpoint is not None and checkpoint_seen is None:
+                job, _ = kill_after_checkpoint
+                if any(not p.name.endswith(".tmp") for p in job.glob("step-*")):
+                    checkpoint_seen = time.time()
+            late = checkpoint_seen is not None and time.time() - checkpoint_seen > kill_after_checkpoint[1]
+            if late or (kill_after and time.time() - began > kill_after):
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
                 killed = True
@@ -293,8 +302,10 @@ def part_gigapixel(args, argv) -> int:
               str(args.steps), "--format", "tiff", "--canvas", "disk", "--checkpoint-every", "1",
               "--tile-batch", str(args.tile_batch), "--overlap", str(args.overlap), "--out", str(out), "--no-progress"]
     attempts = []
-    if args.kill_after:
-        attempts.append(run_watched(sample, kill_after=args.kill_after, threads=args.threads))
+    if args.kill_after or args.kill_after_checkpoint:
+        job = (out / ".job-000000", args.kill_after_checkpoint) if args.kill_after_checkpoint else None
+        attempts.append(run_watched(sample, kill_after=args.kill_after or None, threads=args.threads,
+                                    kill_after_checkpoint=job))
         print(f"killed after {attempts[-1]['seconds']:.0f} s (peak RSS {attempts[-1]['peak_rss_bytes'] / 2**20:.0f} MiB)",
               file=sys.stderr)
     attempts.append(run_watched(sample, threads=args.threads))
@@ -389,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", default="1536x1024", help="seams: the big canvas (WxH); gigapixel: the side")
     parser.add_argument("--seeds", type=int, default=2, help="seams: canvases per setting")
     parser.add_argument("--kill-after", type=float, default=0, help="gigapixel: SIGKILL the first run after S s")
+    parser.add_argument("--kill-after-checkpoint", type=float, default=0,
+                        help="gigapixel: SIGKILL the first run S s after its first step checkpoint (inside a step)")
     args = parser.parse_args(argv)
     if args.part == "gigapixel":
         args.size = int(args.size) if args.size.isdigit() else 32768
