@@ -1,103 +1,518 @@
-"""`patchdiff demo`: train a small model on built-in data for a few CPU minutes, sample, report.
+"""`patchdiff demo`: train a patch method for a few minutes, then make one large seamless image from it.
 
-Everything lands in one folder: samples.png beside real.png, loss.png, report.md and the run
-directory (run/) that `patchdiff sample --run` can use again.
+What the toolkit is for, in one command on a laptop CPU:
+  1. train the chosen method's demo recipe (`RECIPES`) on built-in textures for `minutes` of wall time,
+     with a progress bar over that time budget (fed from the run's metrics.jsonl, the loop's own clock);
+  2. sample small images of the training size and measure them: SWD against held-out real crops,
+     beside the real-vs-real floor and uniform noise, so "good" has a scale;
+  3. sample one large canvas (default 1024x1024, 1024x the training area) from tiles of the training
+     size through `sample.generate_canvases` (bounded memory: the tiles are evaluated a batch at a time
+     and the image is streamed out), and measure its seam score and the process's peak memory;
+  4. write a labelled grid (samples beside real crops), the loss plot, report.md, a self-contained
+     report.html (images embedded) and summary.json (every figure, for scripts and tests).
+
+Everything lands in one folder; `run/` is a normal run directory that `patchdiff sample --run` reuses.
 """
 
 from __future__ import annotations
 
+import base64
+import html
+import json
+import os
 import shutil
+import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode
 
+import numpy as np
 import torch
 
 from patchdiffusion.config import RunConfig, apply_overrides
-from patchdiffusion.images import save_grid
-from patchdiffusion.run import read_metrics
+from patchdiffusion.errors import ConfigError
+from patchdiffusion.images import grid, to_uint8
 from patchdiffusion.runtime import cpu_has_fast_bf16
 
-# About 2M parameters: ~1200 steps of batch 16 fit in 5 minutes on 2 idle CPU cores with bf16
-# (measured: 1213), enough for stationary data such as textures; by ~1000 steps every texture family
-# appears. The EMA ramps up with the images seen, so it is useful after few steps.
-DEMO_OVERRIDES = [
-    "method=full",
-    "data.resolution=32",
-    "model.net.model_channels=32",
-    "model.net.channel_mult=[1,2,2]",
-    "model.net.num_res_blocks=2",
-    "model.net.attention_resolutions=[8]",
-    "train.batch_size=16",
-    "train.lr=2e-3",
-    "train.warmup_steps=50",
-    "train.steps=100000",
-    "train.ema_halflife_kimg=2",
-    "train.ema_rampup=0.2",
-    "train.log_every=5",
-    "train.checkpoint_every=200",
-    "train.sample_images=36",
-    "sample.sampler=heun",
-    "sample.num_steps=18",
-]
+# ------------------------------------------------------------------------------------------------
+# recipes
 
 
-def demo_config(data: str = "builtin:textures", minutes: float = 5.0, device: str = "auto", overrides=()) -> RunConfig:
-    config = apply_overrides(RunConfig(), DEMO_OVERRIDES[:1])
+@dataclass(frozen=True)
+class Recipe:
+    """How the demo trains and samples one method (on top of `SHARED`)."""
+
+    overrides: tuple[str, ...]  # key=value settings of the method and its network
+    sampler: str  # for the small samples and the large canvas alike
+    steps: int  # sampler steps (one network evaluation per step for ddim / dpmpp_2m)
+    sees: str  # what the network sees, for the report
+
+
+# Optimiser and bookkeeping shared by every recipe: a high learning rate with a short warm-up and an
+# EMA whose half-life ramps up with the images seen, so a few minutes of CPU training give a usable
+# model; one checkpoint at the end (the demo samples from it itself, so no in-training grids).
+SHARED = (
+    "data.resolution=32", "train.batch_size=16", "train.lr=2e-3", "train.warmup_steps=50",
+    "train.ema_halflife_kimg=2", "train.ema_rampup=0.2", "train.steps=10000000", "train.log_every=5",
+    "train.checkpoint_every=10000000", "train.sample_images=0",
+)
+
+# One line per method. The patching recipe is the default: measured against the others under one
+# CPU budget (README, "The demo"), it gave the best SWD and is the cheapest per canvas pixel, because
+# its U-Net runs at R/P = 16² inside each 32² tile.
+RECIPES: dict[str, Recipe] = {
+    "patching": Recipe(("model.net.patch_size=2", "model.net.model_channels=32"), "ddim", 12,
+                       "2x2 patches stacked as channels: the U-Net runs at 16x16 (Luhman & Luhman)"),
+    "patch_diffusion": Recipe((), "dpmpp_2m", 10,
+                              "random 8/16/32-pixel patches with their coordinates (Wang et al.)"),
+    "patch_ddpm": Recipe(("model.patch_divider=2",), "ddim", 10,
+                         "a 2x2 grid of 16-pixel patches with their position and the pooled image (Arakawa et al.)"),
+    "patch_dm": Recipe(("data.resolution=64", "model.net.patch_size=32", "model.net.model_channels=16",
+                        "model.net.channel_mult=[1,2,5]", "model.net.num_res_blocks=1",
+                        "model.net.attention_resolutions=[8]", "model.net.code_dim=64", "model.prediction=v",
+                        "model.grid_shift=random", "train.batch_size=8"), "ddim", 10,
+                       "32-pixel patches collaged with their neighbours, plus a code per image (Ding et al.)"),
+    "dimr": Recipe((), "dpmpp_2m", 10, "2x2-patch transformer, then full-resolution ConvNeXt blocks (Liu et al.)"),
+    "full": Recipe(("model.net.model_channels=32", "model.net.channel_mult=[1,2,2]", "model.net.num_res_blocks=2",
+                    "model.net.attention_resolutions=[8]"), "dpmpp_2m", 10,
+                   "the whole 32x32 image (the EDM baseline, no patches)"),
+}
+DEFAULT_METHOD = "patching"
+DEFAULT_MINUTES = 3.5  # training wall time; with the install and sampling the demo takes about 7 minutes
+DEFAULT_CANVAS = 1024  # side of the large canvas
+DEFAULT_SAMPLES = 256  # small samples measured (SWD); the grid shows the first 36
+GRID_IMAGES = 36
+TILE_BATCH = 64  # tiles per network call on the canvas: fewer calls, a few MB of activations
+
+
+def demo_config(method: str = DEFAULT_METHOD, data: str = "builtin:textures", minutes: float = DEFAULT_MINUTES,
+                device: str = "auto", overrides=()) -> RunConfig:
+    """The run's config: the shared settings, the method's recipe (its sampler as the run's sample settings,
+    so `patchdiff sample --run` uses it too), the budget, then the caller's overrides."""
+    if method not in RECIPES:
+        raise ConfigError(f"the demo has no recipe for method '{method}' (choose from: {', '.join(RECIPES)})")
+    config = apply_overrides(RunConfig(), [f"method={method}"])
     on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     precision = "bf16" if (not on_cpu or cpu_has_fast_bf16()) else "fp32"
     return apply_overrides(
         config,
-        DEMO_OVERRIDES[1:]
-        + [f"data.source={data}", f"train.max_minutes={minutes}", f"train.device={device}", f"train.precision={precision}"]
+        list(SHARED) + list(RECIPES[method].overrides)
+        + [f"sample.sampler={RECIPES[method].sampler}", f"sample.num_steps={RECIPES[method].steps}",
+           f"data.source={data}", f"train.max_minutes={minutes}", f"train.device={device}",
+           f"train.precision={precision}"]
         + list(overrides),
     )
 
 
-def run_demo(
-    out_dir: str | Path = "demo_out", minutes: float = 5.0, device: str = "auto", data: str = "builtin:textures",
-    progress: bool = True, overrides=(),
-) -> Path:
-    from patchdiffusion.train import build_dataset, train
+# ------------------------------------------------------------------------------------------------
+# progress over the time budget
 
+
+class BudgetBar:
+    """A bar over the training wall-time budget that shows the steps, their rate and the loss.
+
+    It reads the run's metrics.jsonl (a row every few steps, each with the loop's own `seconds`), so
+    the bar's clock is the training loop's: setting up the data and the network does not count, as it
+    does not count against the budget. A thread refreshes it twice a second."""
+
+    def __init__(self, run_dir: Path, budget_s: float, enabled: bool):
+        self.path, self.budget_s, self.enabled = run_dir / "metrics.jsonl", budget_s, enabled
+        self.started: float | None = None  # time.time() at the loop's start, known from the first row
+        self.row: dict = {}
+        self._offset, self._stop, self._thread, self.bar = 0, threading.Event(), None, None
+
+    def __enter__(self) -> "BudgetBar":
+        if self.enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=round(self.budget_s), desc="train (setting up)", unit="s", file=sys.stderr,
+                            bar_format="{desc} {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s{postfix}",
+                            dynamic_ncols=True)
+            self._thread = threading.Thread(target=self._refresh_loop, daemon=True)
+            self._thread.start()
+        return self
+
+    def _read_rows(self) -> None:
+        if not self.path.is_file():
+            return
+        with open(self.path, "rb") as f:
+            f.seek(self._offset)
+            data = f.read()
+        lines = data.split(b"\n")
+        self._offset += len(data) - len(lines[-1])  # keep a half-written last line for the next read
+        for line in lines[:-1]:
+            row = json.loads(line)
+            if "loss" in row:
+                self.row = row
+                if self.started is None:
+                    self.started = time.time() - row["seconds"]
+
+    def _refresh(self) -> None:
+        self._read_rows()
+        if self.started is None:
+            return
+        elapsed = time.time() - self.started
+        self.bar.set_description_str("train", refresh=False)
+        self.bar.n = min(round(elapsed), self.bar.total)
+        step, seconds = self.row.get("step", 0), max(self.row.get("seconds", 0.0), 1e-9)
+        self.bar.set_postfix_str(f"step {step}, {step / seconds:.1f} steps/s, loss {self.row['loss']:.4f}",
+                                 refresh=False)
+        self.bar.refresh()
+
+    def _refresh_loop(self) -> None:
+        while not self._stop.wait(0.5):
+            self._refresh()
+
+    def write(self, message: str) -> None:
+        """Print a line without breaking the bar."""
+        if self.bar is not None:
+            self.bar.write(message, file=sys.stdout)
+        else:
+            print(message, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self._refresh()
+        if exc[0] is None:
+            self.bar.n = self.bar.total  # the budget is spent (or the step limit reached): a full bar
+            self.bar.refresh()
+        self.bar.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# memory
+
+
+def _status_kib(key: str) -> int | None:
+    """A field of /proc/self/status in KiB (Linux); None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_memory() -> bool:
+    """Start a new peak-RSS window (VmHWM := current RSS); False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mib() -> float:
+    kib = _status_kib("VmHWM")
+    if kib is None:  # not Linux: the process's lifetime peak (ru_maxrss is in KiB on Linux, bytes on macOS)
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
+    return kib / 1024
+
+
+# ------------------------------------------------------------------------------------------------
+# data
+
+
+def held_out_spec(spec: str, count: int) -> str | None:
+    """The same built-in set drawn with another seed (crops never seen in training); None for other sources."""
+    if not spec.startswith("builtin:"):
+        return None
+    name, _, query = spec.partition("?")
+    params = dict(parse_qsl(query))
+    params["seed"] = str(int(params.get("seed", 0)) + 1)
+    params["count"] = str(count)
+    return f"{name}?{urlencode(params)}"
+
+
+def _images(spec: str, resolution: tuple[int, int], count: int) -> torch.Tensor:
+    """`count` images of a source spread over it, (count, 3, H, W) in [-1, 1]."""
+    from patchdiffusion.data import ImageDataset, open_source
+
+    height, width = resolution
+    dataset = ImageDataset(open_source(spec, resolution=(width, height)), resolution=(width, height))
+    count = min(count, len(dataset))
+    return torch.stack([dataset[i * len(dataset) // count][0] for i in range(count)])
+
+
+def _uint8(images: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) in [-1, 1] -> uint8 (B, 3, H, W), rounded as saved PNGs are."""
+    return torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2)
+
+
+# ------------------------------------------------------------------------------------------------
+# pictures
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def labelled_grid(panels: list[tuple[str, torch.Tensor]], path: Path, upscale: int) -> Path:
+    """Grids of images side by side, each under its label, in one PNG."""
+    from PIL import Image, ImageDraw
+
+    pictures = []
+    for label, images in panels:
+        picture = Image.fromarray(grid(to_uint8(images)))
+        pictures.append((label, picture.resize((picture.width * upscale, picture.height * upscale), Image.NEAREST)))
+    font, margin, title = _font(18), 12, 32
+    width = sum(p.width for _, p in pictures) + margin * (len(pictures) + 1)
+    height = max(p.height for _, p in pictures) + title + 2 * margin
+    sheet = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(sheet)
+    left = margin
+    for label, picture in pictures:
+        draw.text((left, margin), label, fill="black", font=font)
+        sheet.paste(picture, (left, margin + title))
+        left += picture.width + margin
+    sheet.save(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# the demo
+
+
+def run_demo(
+    out_dir: str | Path = "demo_out",
+    minutes: float = DEFAULT_MINUTES,
+    method: str = DEFAULT_METHOD,
+    device: str = "auto",
+    data: str = "builtin:textures",
+    progress: bool = True,
+    overrides=(),
+    canvas_size: int = DEFAULT_CANVAS,
+    num_samples: int = DEFAULT_SAMPLES,
+    log=print,
+) -> Path:
+    """Train, sample, measure and report into `out_dir`; returns the path of report.md."""
+    from patchdiffusion.eval.monitor import SWDMonitor
+    from patchdiffusion.eval.seam import seam_profile
+    from patchdiffusion.run import load_run, read_metrics
+    from patchdiffusion.runtime import resolve_device
+    from patchdiffusion.sample import generate_canvases, sample_images, tiling_config
+    from patchdiffusion.diffusion.tiled import resolve_tiling
+    from patchdiffusion.train import train
+
+    began = time.time()
+    config = demo_config(method, data, minutes, device, overrides)  # refuses an unknown method in one line
+    recipe, sampler, steps = RECIPES[method], config.sample.sampler, config.sample.num_steps
+    data = config.data.source  # an override may have changed it
+    if num_samples < 1:
+        raise ConfigError(f"the demo needs at least one sample to measure, got {num_samples}")
     out_dir = Path(out_dir)
     run_dir = out_dir / "run"
     if run_dir.exists():
         shutil.rmtree(run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = demo_config(data, minutes, device, overrides)
-    started = time.time()
-    result = train(config, run_dir, progress=progress)
-    train_seconds = time.time() - started
+    height, width = config.data.resolution
+    if canvas_size < max(height, width):
+        raise ConfigError(f"the large canvas ({canvas_size}) must be at least the training size {width}x{height}")
 
-    samples = sorted((run_dir / "samples").glob("step-*.png"))
-    if samples:
-        shutil.copy(samples[-1], out_dir / "samples.png")
-    dataset, _ = build_dataset(config)
-    count = min(36, len(dataset))
-    real = torch.stack([dataset[i * len(dataset) // count][0] for i in range(count)])
-    upscale = max(1, 128 // real.shape[-1])
-    save_grid(real, out_dir / "real.png", upscale=upscale)
-    if (run_dir / "loss.png").exists():
+    # 1. Training, with a bar over the time budget.
+    log(f"demo: training '{method}' for {minutes:g} min on {data} at {width}x{height} ({recipe.sees}), "
+        f"then a {canvas_size}x{canvas_size} canvas; everything goes to {out_dir}/")
+    with BudgetBar(run_dir, minutes * 60, progress) as bar:
+        result = train(config, run_dir, progress=False, log=bar.write)
+    train_seconds = time.time() - began
+
+    # 2. Small samples, measured against held-out real crops.
+    where = resolve_device(device)
+    loaded = load_run(run_dir, where, use_ema=True)
+    samples = []
+    batches = range(0, num_samples, 64)
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, desc=f"sample {num_samples} images of {width}x{height}", unit="batch",
+                       file=sys.stderr, dynamic_ncols=True)
+    sampling_began = time.time()
+    for start in batches:
+        samples.append(sample_images(loaded.method, loaded.net, loaded.config, min(64, num_samples - start),
+                                     seed0=start, device=where).cpu())
+    samples = torch.cat(samples)
+    samples_seconds = time.time() - sampling_began
+    count = len(samples)
+    held_out = held_out_spec(data, count)
+    reference = _images(held_out or data, (height, width), count)
+    training_images = _images(data, (height, width), count)
+    monitor = SWDMonitor(reference, num_images=count, seed=0)
+    noise = torch.rand(count, 3, height, width, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    swd = {"samples": monitor(samples)["swd"], "real": monitor(training_images)["swd"], "noise": monitor(noise)["swd"]}
+
+    # 3. The large canvas from tiles of the training size, in bounded memory, streamed to a PNG.
+    tiling = tiling_config(loaded.method, tile_batch=TILE_BATCH)
+    tile, overlap = resolve_tiling(tiling, loaded.method.native_tile)
+    period = (tile[0] - overlap[0], tile[1] - overlap[1])  # the tile stride: where seams would repeat
+    exact_peak = _reset_peak_memory()
+    rss_before = (_status_kib("VmRSS") or 0) / 1024
+    canvas_began = time.time()
+    canvas_dir = out_dir / "canvas_job"
+    [made] = generate_canvases(run_dir, canvas_dir, num=1, seed=0, height=canvas_size, width=canvas_size,
+                               sampler=sampler, steps=steps, tiling=tiling, storage="auto",
+                               checkpoint_every=10**9, device=str(where), progress=progress, log=log, loaded=loaded)
+    canvas_seconds = time.time() - canvas_began
+    peak_mib = _peak_rss_mib()
+    canvas_path = out_dir / "canvas.png"
+    os.replace(made, canvas_path)
+    shutil.rmtree(canvas_dir, ignore_errors=True)
+    from PIL import Image
+
+    with Image.open(canvas_path) as picture:
+        canvas = torch.from_numpy(np.array(picture.convert("RGB"))).permute(2, 0, 1)[None]  # (1, 3, H, W)
+    seam = seam_profile(canvas, period)
+    seam_real = seam_profile(_uint8(reference), period)
+
+    # 4. Pictures and reports.
+    upscale = max(1, 128 // max(height, width))
+    labelled_grid([(f"generated: {method}, {steps} {sampler} steps", samples[:GRID_IMAGES]),
+                   ("real: held-out crops" if held_out else "real: training images", reference[:GRID_IMAGES])],
+                  out_dir / "samples_vs_real.png", upscale)
+    from patchdiffusion.images import save_grid
+
+    save_grid(samples[:GRID_IMAGES], out_dir / "samples.png", upscale=upscale)
+    save_grid(reference[:GRID_IMAGES], out_dir / "real.png", upscale=upscale)
+    if (run_dir / "loss.png").is_file():
         shutil.copy(run_dir / "loss.png", out_dir / "loss.png")
-
     losses = [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
-    loss_line = "- loss: too few steps logged to compare\n"
-    if len(losses) >= 2:
-        tenth = max(1, len(losses) // 10)
-        first, last = sum(losses[:tenth]) / tenth, sum(losses[-tenth:]) / tenth
-        loss_line = f"- loss: first 10% of steps {first:.4f} → last 10% {last:.4f} ({100 * (1 - last / first):.0f}% lower)\n"
+    tenth = max(1, len(losses) // 10)
+    summary = {
+        "method": method, "data": data, "resolution": [height, width], "sees": recipe.sees,
+        "parameters_m": round(sum(p.numel() for p in loaded.net.parameters()) / 1e6, 3),
+        "minutes_budget": minutes, "train_seconds": round(train_seconds, 1), "steps": result.step,
+        "images_seen": result.images_seen, "batch_size": config.train.batch_size,
+        "loss_first": sum(losses[:tenth]) / tenth if losses else None,
+        "loss_last": sum(losses[-tenth:]) / tenth if losses else None,
+        "sampler": sampler, "sampler_steps": steps, "num_samples": count,
+        "samples_seconds": round(samples_seconds, 1),
+        "swd": {k: round(v, 2) for k, v in swd.items()}, "held_out": held_out or "",
+        "canvas": {"size": [canvas_size, canvas_size], "area_x": canvas_size**2 / (height * width),
+                   "tile": list(tile), "overlap": list(overlap), "window": tiling.window, "grid": tiling.grid,
+                   "seconds": round(canvas_seconds, 1), "peak_rss_mib": round(peak_mib, 1),
+                   "rss_before_mib": round(rss_before, 1), "peak_is_canvas_only": exact_peak},
+        "seam": {"period": list(period), "canvas": seam.as_dict(), "real": seam_real.as_dict()},
+        "total_seconds": round(time.time() - began, 1), "device": str(where),
+        "threads": torch.get_num_threads(),
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    report = write_reports(out_dir, summary)
+    for line in summary_lines(summary):
+        log(line)
+    log(f"demo finished in {summary['total_seconds'] / 60:.1f} min: open {out_dir / 'report.html'} in a browser")
+    return report
+
+
+# ------------------------------------------------------------------------------------------------
+# reports
+
+
+def summary_lines(s: dict) -> list[str]:
+    """The demo's figures, a line each (printed at the end and listed in the reports)."""
+    c, seam, swd = s["canvas"], s["seam"], s["swd"]
+    loss = (f", loss {s['loss_first']:.3f} → {s['loss_last']:.3f}" if s["loss_first"] is not None else "")
+    peak = "peak RSS while sampling it" if c["peak_is_canvas_only"] else "peak RSS of the process"
+    return [
+        f"training: {s['steps']} steps of batch {s['batch_size']} in {s['minutes_budget']:g} min "
+        f"({s['parameters_m']:.2f}M parameters){loss}",
+        f"SWD x1e3 of {s['num_samples']} samples vs {'held-out' if s['held_out'] else 'training'} real crops: "
+        f"{swd['samples']:.1f} (real vs real {swd['real']:.1f}, uniform noise {swd['noise']:.1f}; lower is better)",
+        f"large canvas: {c['size'][1]}x{c['size'][0]} ({c['area_x']:.0f}x the training area) from "
+        f"{c['tile'][1]}x{c['tile'][0]} tiles in {c['seconds']:.0f} s; {peak} {c['peak_rss_mib']:.0f} MiB "
+        f"({c['rss_before_mib']:.0f} MiB before it)",
+        f"seam score at the tile period {seam['period'][1]}: worst offset {seam['canvas']['worst']:.3f} "
+        f"(real crops {seam['real']['worst']:.3f}; 1.0 = seamless)",
+    ]
+
+
+def _embed(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def write_reports(out_dir: Path, s: dict) -> Path:
+    """report.md (pictures beside it) and report.html (the same, pictures embedded); returns report.md."""
+    c, seam, swd = s["canvas"], s["seam"], s["swd"]
+    run_dir = out_dir / "run"
+    title = f"patchdiffusion demo: {s['method']} on {s['data']}"
+    facts = [
+        ("method", f"`{s['method']}`: {s['sees']}"),
+        ("data", f"`{s['data']}` at {s['resolution'][1]}x{s['resolution'][0]}"),
+        ("training", f"{s['steps']} steps of batch {s['batch_size']} ({s['images_seen']} images) in "
+                     f"{s['minutes_budget']:g} min of wall time; {s['parameters_m']:.2f}M parameters"),
+        ("sampling", f"{s['sampler']}, {s['sampler_steps']} steps, EMA weights"),
+        ("SWD x10³ (lower is better)",
+         f"samples **{swd['samples']:.1f}** · real vs real {swd['real']:.1f} (the floor) · uniform noise "
+         f"{swd['noise']:.1f}; {s['num_samples']} images against "
+         f"{'held-out real crops `' + s['held_out'] + '`' if s['held_out'] else 'training images'}"),
+        ("large canvas", f"{c['size'][1]}x{c['size'][0]}, {c['area_x']:.0f}x the training area, from "
+                         f"{c['tile'][1]}x{c['tile'][0]} tiles (overlap {c['overlap'][1]}, {c['window']} "
+                         f"window, {c['grid']} grid) in {c['seconds']:.0f} s"),
+        ("seam score (1.0 = seamless)",
+         f"canvas **{seam['canvas']['worst']:.3f}** at the worst offset of the {seam['period'][1]}-pixel tile "
+         f"period ({seam['canvas']['at_grid']:.3f} on the unmoved grid's lines) · real crops "
+         f"{seam['real']['worst']:.3f} ({seam['real']['at_grid']:.3f})"),
+        ("peak memory", f"{c['peak_rss_mib']:.0f} MiB RSS "
+                        f"{'while sampling the canvas' if c['peak_is_canvas_only'] else 'of the whole process'}"
+                        f" ({c['rss_before_mib']:.0f} MiB before it)"),
+        ("time", f"{s['total_seconds'] / 60:.1f} min in all on {s['device']} ({s['threads']} threads)"),
+    ]
+    pictures = [
+        ("canvas.png", f"The large canvas, {c['size'][1]}x{c['size'][0]}, sampled from "
+                       f"{c['tile'][1]}x{c['tile'][0]} tiles"),
+        ("samples_vs_real.png", "Samples of the training size (left) beside real crops (right)"),
+        ("loss.png", "Training loss"),
+    ]
+    md = [f"# {title}", ""] + [f"- **{k}**: {v}" for k, v in facts] + [""]
+    for name, caption in pictures:
+        if (out_dir / name).is_file():
+            md += [f"## {caption}", "", f"![{caption}]({name})", ""]
+    md += [f"Sample more with `patchdiff sample --run {run_dir} --num 64 --out {out_dir / 'more'}`, or another "
+           f"large image with `patchdiff sample --run {run_dir} --size 2048x1024 --out {out_dir / 'large'}`.", ""]
     report = out_dir / "report.md"
-    report.write_text(
-        "# patchdiffusion demo\n\n"
-        f"- data: `{config.data.source}` at {config.data.resolution[1]}x{config.data.resolution[0]}, "
-        f"{len(dataset)} images\n"
-        f"- method: `{config.method}` (EDM preconditioning, Heun sampler, {config.sample.num_steps} steps)\n"
-        f"- network: U-Net, {config.model.net.model_channels} channels, mult {list(config.model.net.channel_mult)}\n"
-        f"- training: {result.step} steps of batch {config.train.batch_size} ({config.train.precision}), "
-        f"{result.images_seen} images seen; {train_seconds / 60:.1f} min with the final sampling\n"
-        f"{loss_line}\n"
-        "| generated (EMA weights) | real |\n|---|---|\n| ![samples](samples.png) | ![real](real.png) |\n\n"
-        "![loss](loss.png)\n\n"
-        f"Sample more with: `patchdiff sample --run {run_dir} --num 64 --out {out_dir / 'more'}`\n"
+    report.write_text("\n".join(md))
+
+    def inline(text: str) -> str:  # the markdown facts' `code` and **bold** as HTML
+        parts, out = html.escape(text).split("`"), []
+        for i, part in enumerate(parts):
+            out.append(f"<code>{part}</code>" if i % 2 else part)
+        bold = "".join(out).split("**")
+        return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(bold))
+
+    rows = "\n".join(f"<tr><th>{html.escape(k)}</th><td>{inline(v)}</td></tr>" for k, v in facts)
+    figures = "\n".join(
+        f'<figure><img src="{_embed(out_dir / name)}" alt="{html.escape(caption)}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        for name, caption in pictures if (out_dir / name).is_file()
     )
+    (out_dir / "report.html").write_text(f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; }}
+th, td {{ text-align: left; vertical-align: top; padding: .35em .8em; border-bottom: 1px solid #ddd; }}
+img {{ max-width: 100%; image-rendering: pixelated; }}
+figure {{ margin: 2em 0; }} figcaption {{ color: #555; margin-top: .4em; }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+<table>
+{rows}
+</table>
+{figures}
+</body></html>
+""")
     return report
