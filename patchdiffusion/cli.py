@@ -442,13 +442,14 @@ def cmd_demo(args, extra: list[str]) -> int:
     run_demo(
         out_dir=args.out, minutes=args.minutes, method=args.method, device=args.device, data=args.data,
         progress=not args.no_progress, overrides=_split_overrides(extra), canvas_size=args.canvas_size,
-        num_samples=args.samples,
+        canvas_class=args.canvas_class, num_samples=args.samples,
     )
     return 0
 
 
 def add_demo_parser(sub) -> None:
-    from patchdiffusion.demo import DEFAULT_CANVAS, DEFAULT_METHOD, DEFAULT_MINUTES, DEFAULT_SAMPLES, RECIPES
+    from patchdiffusion.demo import DEFAULT_CANVAS, DEFAULT_CANVAS_CLASS, DEFAULT_METHOD, DEFAULT_MINUTES
+    from patchdiffusion.demo import DEFAULT_SAMPLES, RECIPES
 
     p = sub.add_parser(
         "demo", help="train a patch method for a few minutes, then make a large seamless image and a report",
@@ -467,6 +468,10 @@ def add_demo_parser(sub) -> None:
                    help=f"which method to train (default {DEFAULT_METHOD}: the best images in the budget, see "
                         f"the README); each has a small CPU recipe")
     p.add_argument("--data", default="builtin:textures", help="data source (default builtin:textures)")
+    p.add_argument("--canvas-class", default=None, metavar="NAME",
+                   help=f"the class of the large canvas, for a labelled built-in set: a texture family "
+                        f"(red-brick, green-grass, sand-gravel, stained-tissue, deep-field; default "
+                        f"{DEFAULT_CANVAS_CLASS})")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     # For tests and quick looks: a smaller large canvas and fewer measured samples.

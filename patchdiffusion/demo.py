@@ -33,7 +33,8 @@ import torch
 
 from patchdiffusion.config import RunConfig, apply_overrides
 from patchdiffusion.errors import ConfigError
-from patchdiffusion.images import grid, to_uint8
+from patchdiffusion.images import grid, save_grid, to_uint8
+from patchdiffusion.run import read_metrics
 from patchdiffusion.runtime import cpu_has_fast_bf16
 
 # ------------------------------------------------------------------------------------------------
@@ -48,6 +49,7 @@ class Recipe:
     sampler: str  # for the small samples and the large canvas alike
     steps: int  # sampler steps (one network evaluation per step for ddim / dpmpp_2m)
     sees: str  # what the network sees, for the report
+    classes: bool = True  # the network takes class labels (model.net.num_classes): one texture per canvas
 
 
 # Optimiser and bookkeeping shared by every recipe: a high learning rate with a short warm-up and an
@@ -68,12 +70,14 @@ RECIPES: dict[str, Recipe] = {
     "patch_diffusion": Recipe((), "dpmpp_2m", 10,
                               "random 8/16/32-pixel patches with their coordinates (Wang et al.)"),
     "patch_ddpm": Recipe(("model.patch_divider=2",), "ddim", 10,
-                         "a 2x2 grid of 16-pixel patches with their position and the pooled image (Arakawa et al.)"),
+                         "a 2x2 grid of 16-pixel patches with their position and the pooled image (Arakawa et al.)",
+                         classes=False),
     "patch_dm": Recipe(("data.resolution=64", "model.net.patch_size=32", "model.net.model_channels=16",
                         "model.net.channel_mult=[1,2,5]", "model.net.num_res_blocks=1",
                         "model.net.attention_resolutions=[8]", "model.net.code_dim=64", "model.prediction=v",
                         "model.grid_shift=random", "train.batch_size=8"), "ddim", 10,
-                       "32-pixel patches collaged with their neighbours, plus a code per image (Ding et al.)"),
+                       "32-pixel patches collaged with their neighbours, plus a code per image (Ding et al.)",
+                       classes=False),
     "dimr": Recipe((), "dpmpp_2m", 10, "2x2-patch transformer, then full-resolution ConvNeXt blocks (Liu et al.)"),
     "full": Recipe(("model.net.model_channels=32", "model.net.channel_mult=[1,2,2]", "model.net.num_res_blocks=2",
                     "model.net.attention_resolutions=[8]"), "dpmpp_2m", 10,
@@ -82,8 +86,10 @@ RECIPES: dict[str, Recipe] = {
 DEFAULT_METHOD = "patching"
 DEFAULT_MINUTES = 3.5  # training wall time; with the install and sampling the demo takes about 7 minutes
 DEFAULT_CANVAS = 1024  # side of the large canvas
-DEFAULT_SAMPLES = 256  # small samples measured (SWD); the grid shows the first 36
-GRID_IMAGES = 36
+DEFAULT_SAMPLES = 256  # small samples measured (SWD)
+DEFAULT_CANVAS_CLASS = "green-grass"  # the texture family of the large canvas
+SAMPLE_BATCH = 64  # small samples per sampler call
+GRID_COLUMNS = 6  # the grids: six images a row (a row per texture family for a class-conditional model)
 TILE_BATCH = 64  # tiles per network call on the canvas: fewer calls, a few MB of activations
 
 
@@ -94,12 +100,18 @@ def demo_config(method: str = DEFAULT_METHOD, data: str = "builtin:textures", mi
     if method not in RECIPES:
         raise ConfigError(f"the demo has no recipe for method '{method}' (choose from: {', '.join(RECIPES)})")
     config = apply_overrides(RunConfig(), [f"method={method}"])
+    recipe = RECIPES[method]
+    # A class-conditional model on a labelled built-in set (textures: one label per family), so that a
+    # canvas can be asked for one texture: an unconditional model's tiles each pick a family of their
+    # own at high noise, and the large canvas becomes a patchwork of families with edges along the tiles.
+    classes = len(class_names(data)) if recipe.classes else 0
+    labels = ["data.use_labels=true", f"model.net.num_classes={classes}"] if classes else []
     on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     precision = "bf16" if (not on_cpu or cpu_has_fast_bf16()) else "fp32"
     return apply_overrides(
         config,
-        list(SHARED) + list(RECIPES[method].overrides)
-        + [f"sample.sampler={RECIPES[method].sampler}", f"sample.num_steps={RECIPES[method].steps}",
+        list(SHARED) + list(recipe.overrides) + labels
+        + [f"sample.sampler={recipe.sampler}", f"sample.num_steps={recipe.steps}",
            f"data.source={data}", f"train.max_minutes={minutes}", f"train.device={device}",
            f"train.precision={precision}"]
         + list(overrides),
@@ -172,16 +184,21 @@ class BudgetBar:
         else:
             print(message, flush=True)
 
-    def __exit__(self, *exc) -> None:
-        if self.bar is None:
+    def finish(self, budget_spent: bool) -> None:
+        """Stop refreshing; a run that spent its budget shows a full bar, one stopped by its step limit
+        (or an error) shows where it stopped."""
+        if self.bar is None or self._stop.is_set():
             return
         self._stop.set()
         self._thread.join()
         self._refresh()
-        if exc[0] is None:
-            self.bar.n = self.bar.total  # the budget is spent (or the step limit reached): a full bar
-            self.bar.refresh()
+        if budget_spent:
+            self.bar.n = self.bar.total
+        self.bar.refresh()
         self.bar.close()
+
+    def __exit__(self, *exc) -> None:
+        self.finish(budget_spent=False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -224,6 +241,15 @@ def _peak_rss_mib() -> float:
 # data
 
 
+def class_names(spec: str) -> list[str]:
+    """The class names of a built-in set (textures: its families); [] for other sources (no labels assumed)."""
+    if not spec.startswith("builtin:"):
+        return []
+    from patchdiffusion.data import open_source
+
+    return list(open_source(spec, resolution=8).class_names)
+
+
 def held_out_spec(spec: str, count: int) -> str | None:
     """The same built-in set drawn with another seed (crops never seen in training); None for other sources."""
     if not spec.startswith("builtin:"):
@@ -235,14 +261,24 @@ def held_out_spec(spec: str, count: int) -> str | None:
     return f"{name}?{urlencode(params)}"
 
 
-def _images(spec: str, resolution: tuple[int, int], count: int) -> torch.Tensor:
-    """`count` images of a source spread over it, (count, 3, H, W) in [-1, 1]."""
+def _images(spec: str, resolution: tuple[int, int], count: int, labels: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` images of a source spread over it, (count, 3, H, W) in [-1, 1], and their labels (-1: none)."""
     from patchdiffusion.data import ImageDataset, open_source
 
     height, width = resolution
-    dataset = ImageDataset(open_source(spec, resolution=(width, height)), resolution=(width, height))
+    dataset = ImageDataset(open_source(spec, resolution=(width, height)), resolution=(width, height),
+                           use_labels=labels)
     count = min(count, len(dataset))
-    return torch.stack([dataset[i * len(dataset) // count][0] for i in range(count)])
+    pairs = [dataset[i * len(dataset) // count] for i in range(count)]
+    return torch.stack([image for image, _ in pairs]), torch.tensor([label for _, label in pairs])
+
+
+def grid_rows(images: torch.Tensor, labels: torch.Tensor | None, classes: int) -> torch.Tensor:
+    """Images for a 6-column grid: the first six of each class, a row per class; else the first 36."""
+    if labels is None or classes == 0:
+        return images[:GRID_COLUMNS * GRID_COLUMNS]
+    rows = [images[labels == k][:GRID_COLUMNS] for k in range(classes)]
+    return torch.cat([row for row in rows if len(row) == GRID_COLUMNS] or [images[:GRID_COLUMNS]])
 
 
 def _uint8(images: torch.Tensor) -> torch.Tensor:
@@ -269,7 +305,7 @@ def labelled_grid(panels: list[tuple[str, torch.Tensor]], path: Path, upscale: i
 
     pictures = []
     for label, images in panels:
-        picture = Image.fromarray(grid(to_uint8(images)))
+        picture = Image.fromarray(grid(to_uint8(images), columns=GRID_COLUMNS))
         pictures.append((label, picture.resize((picture.width * upscale, picture.height * upscale), Image.NEAREST)))
     font, margin, title = _font(18), 12, 32
     width = sum(p.width for _, p in pictures) + margin * (len(pictures) + 1)
@@ -298,124 +334,173 @@ def run_demo(
     progress: bool = True,
     overrides=(),
     canvas_size: int = DEFAULT_CANVAS,
+    canvas_class: str | None = None,
     num_samples: int = DEFAULT_SAMPLES,
     log=print,
 ) -> Path:
-    """Train, sample, measure and report into `out_dir`; returns the path of report.md."""
-    from patchdiffusion.eval.monitor import SWDMonitor
-    from patchdiffusion.eval.seam import seam_profile
-    from patchdiffusion.run import load_run, read_metrics
+    """Train, sample, measure and report into `out_dir`; returns the path of report.md.
+
+    canvas_class: the class (texture family) of the large canvas for a class-conditional recipe, by name
+    (default DEFAULT_CANVAS_CLASS when the data has it, else the first class)."""
+    from patchdiffusion.run import load_run
     from patchdiffusion.runtime import resolve_device
-    from patchdiffusion.sample import generate_canvases, sample_images, tiling_config
-    from patchdiffusion.diffusion.tiled import resolve_tiling
     from patchdiffusion.train import train
 
     began = time.time()
     config = demo_config(method, data, minutes, device, overrides)  # refuses an unknown method in one line
-    recipe, sampler, steps = RECIPES[method], config.sample.sampler, config.sample.num_steps
     data = config.data.source  # an override may have changed it
     if num_samples < 1:
         raise ConfigError(f"the demo needs at least one sample to measure, got {num_samples}")
+    height, width = config.data.resolution
+    if canvas_size < max(height, width):
+        raise ConfigError(f"the large canvas ({canvas_size}) must be at least the training size {width}x{height}")
+    names = class_names(data) if config.data.use_labels else []
+    canvas_label = pick_class(names, canvas_class)
     out_dir = Path(out_dir)
     run_dir = out_dir / "run"
     if run_dir.exists():
         shutil.rmtree(run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    height, width = config.data.resolution
-    if canvas_size < max(height, width):
-        raise ConfigError(f"the large canvas ({canvas_size}) must be at least the training size {width}x{height}")
 
     # 1. Training, with a bar over the time budget.
-    log(f"demo: training '{method}' for {minutes:g} min on {data} at {width}x{height} ({recipe.sees}), "
-        f"then a {canvas_size}x{canvas_size} canvas; everything goes to {out_dir}/")
+    log(f"demo: training '{method}' for {minutes:g} min on {data} at {width}x{height} "
+        f"({RECIPES[method].sees}), then a {canvas_size}x{canvas_size} canvas; everything goes to {out_dir}/")
     with BudgetBar(run_dir, minutes * 60, progress) as bar:
         result = train(config, run_dir, progress=False, log=bar.write)
+        bar.finish(budget_spent=result.stopped_early)
     train_seconds = time.time() - began
-
-    # 2. Small samples, measured against held-out real crops.
     where = resolve_device(device)
     loaded = load_run(run_dir, where, use_ema=True)
-    samples = []
-    batches = range(0, num_samples, 64)
-    if progress:
-        from tqdm import tqdm
 
-        batches = tqdm(batches, desc=f"sample {num_samples} images of {width}x{height}", unit="batch",
-                       file=sys.stderr, dynamic_ncols=True)
-    sampling_began = time.time()
-    for start in batches:
-        samples.append(sample_images(loaded.method, loaded.net, loaded.config, min(64, num_samples - start),
-                                     seed0=start, device=where).cpu())
-    samples = torch.cat(samples)
-    samples_seconds = time.time() - sampling_began
-    count = len(samples)
-    held_out = held_out_spec(data, count)
-    reference = _images(held_out or data, (height, width), count)
-    training_images = _images(data, (height, width), count)
-    monitor = SWDMonitor(reference, num_images=count, seed=0)
-    noise = torch.rand(count, 3, height, width, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    swd = {"samples": monitor(samples)["swd"], "real": monitor(training_images)["swd"], "noise": monitor(noise)["swd"]}
-
-    # 3. The large canvas from tiles of the training size, in bounded memory, streamed to a PNG.
-    tiling = tiling_config(loaded.method, tile_batch=TILE_BATCH)
-    tile, overlap = resolve_tiling(tiling, loaded.method.native_tile)
-    period = (tile[0] - overlap[0], tile[1] - overlap[1])  # the tile stride: where seams would repeat
-    exact_peak = _reset_peak_memory()
-    rss_before = (_status_kib("VmRSS") or 0) / 1024
-    canvas_began = time.time()
-    canvas_dir = out_dir / "canvas_job"
-    [made] = generate_canvases(run_dir, canvas_dir, num=1, seed=0, height=canvas_size, width=canvas_size,
-                               sampler=sampler, steps=steps, tiling=tiling, storage="auto",
-                               checkpoint_every=10**9, device=str(where), progress=progress, log=log, loaded=loaded)
-    canvas_seconds = time.time() - canvas_began
-    peak_mib = _peak_rss_mib()
-    canvas_path = out_dir / "canvas.png"
-    os.replace(made, canvas_path)
-    shutil.rmtree(canvas_dir, ignore_errors=True)
-    from PIL import Image
-
-    with Image.open(canvas_path) as picture:
-        canvas = torch.from_numpy(np.array(picture.convert("RGB"))).permute(2, 0, 1)[None]  # (1, 3, H, W)
-    seam = seam_profile(canvas, period)
-    seam_real = seam_profile(_uint8(reference), period)
+    # 2. Small samples, measured against held-out real crops.
+    small = measure_samples(loaded, num_samples, len(names), where, progress)
+    # 3. The large canvas, and its seams beside those of real crops (of its class).
+    big = make_canvas(loaded, run_dir, out_dir, canvas_size, canvas_label, where, progress, log)
+    real = small["reference"] if canvas_label is None else small["reference"][small["reference_labels"] == canvas_label]
+    seam_real = seam_profile_of(real, big["period"])
 
     # 4. Pictures and reports.
     upscale = max(1, 128 // max(height, width))
-    labelled_grid([(f"generated: {method}, {steps} {sampler} steps", samples[:GRID_IMAGES]),
-                   ("real: held-out crops" if held_out else "real: training images", reference[:GRID_IMAGES])],
+    shown = grid_rows(small["samples"], small["labels"], len(names))
+    real_shown = grid_rows(small["reference"], small["reference_labels"], len(names))
+    rows = f", a row per {'family' if data.startswith('builtin:textures') else 'class'}" if names else ""
+    labelled_grid([(f"generated: {method}, {config.sample.num_steps} {config.sample.sampler} steps{rows}", shown),
+                   ("real: held-out crops" if small["held_out"] else "real: training images", real_shown)],
                   out_dir / "samples_vs_real.png", upscale)
-    from patchdiffusion.images import save_grid
-
-    save_grid(samples[:GRID_IMAGES], out_dir / "samples.png", upscale=upscale)
-    save_grid(reference[:GRID_IMAGES], out_dir / "real.png", upscale=upscale)
+    save_grid(shown, out_dir / "samples.png", columns=GRID_COLUMNS, upscale=upscale)
+    save_grid(real_shown, out_dir / "real.png", columns=GRID_COLUMNS, upscale=upscale)
     if (run_dir / "loss.png").is_file():
         shutil.copy(run_dir / "loss.png", out_dir / "loss.png")
     losses = [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
     tenth = max(1, len(losses) // 10)
     summary = {
-        "method": method, "data": data, "resolution": [height, width], "sees": recipe.sees,
-        "parameters_m": round(sum(p.numel() for p in loaded.net.parameters()) / 1e6, 3),
+        "method": method, "data": data, "resolution": [height, width], "sees": RECIPES[method].sees,
+        "classes": names, "parameters_m": round(sum(p.numel() for p in loaded.net.parameters()) / 1e6, 3),
         "minutes_budget": minutes, "train_seconds": round(train_seconds, 1), "steps": result.step,
         "images_seen": result.images_seen, "batch_size": config.train.batch_size,
         "loss_first": sum(losses[:tenth]) / tenth if losses else None,
         "loss_last": sum(losses[-tenth:]) / tenth if losses else None,
-        "sampler": sampler, "sampler_steps": steps, "num_samples": count,
-        "samples_seconds": round(samples_seconds, 1),
-        "swd": {k: round(v, 2) for k, v in swd.items()}, "held_out": held_out or "",
-        "canvas": {"size": [canvas_size, canvas_size], "area_x": canvas_size**2 / (height * width),
-                   "tile": list(tile), "overlap": list(overlap), "window": tiling.window, "grid": tiling.grid,
-                   "seconds": round(canvas_seconds, 1), "peak_rss_mib": round(peak_mib, 1),
-                   "rss_before_mib": round(rss_before, 1), "peak_is_canvas_only": exact_peak},
-        "seam": {"period": list(period), "canvas": seam.as_dict(), "real": seam_real.as_dict()},
-        "total_seconds": round(time.time() - began, 1), "device": str(where),
-        "threads": torch.get_num_threads(),
+        "sampler": config.sample.sampler, "sampler_steps": config.sample.num_steps,
+        "num_samples": len(small["samples"]), "samples_seconds": small["seconds"], "swd": small["swd"],
+        "held_out": small["held_out"] or "",
+        "canvas": {key: value for key, value in big.items() if key != "period"},
+        "seam": {"period": list(big["period"]), "canvas": big["seam"], "real": seam_real.as_dict(),
+                 "real_images": len(real)},
+        "total_seconds": round(time.time() - began, 1), "device": str(where), "threads": torch.get_num_threads(),
     }
+    summary["canvas"]["class"] = names[canvas_label] if canvas_label is not None else ""
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     report = write_reports(out_dir, summary)
     for line in summary_lines(summary):
         log(line)
     log(f"demo finished in {summary['total_seconds'] / 60:.1f} min: open {out_dir / 'report.html'} in a browser")
     return report
+
+
+def pick_class(names: list[str], wanted: str | None) -> int | None:
+    """The canvas's class index: `wanted` by name, else DEFAULT_CANVAS_CLASS if there, else 0; None unlabelled."""
+    if not names:
+        if wanted is not None:
+            raise ConfigError("--canvas-class needs a class-conditional recipe on a labelled built-in set")
+        return None
+    if wanted is None:
+        return names.index(DEFAULT_CANVAS_CLASS) if DEFAULT_CANVAS_CLASS in names else 0
+    if wanted not in names:
+        raise ConfigError(f"unknown canvas class '{wanted}' (this data has: {', '.join(names)})")
+    return names.index(wanted)
+
+
+def measure_samples(loaded, num_samples: int, classes: int, device, progress: bool) -> dict:
+    """`num_samples` images of the training size (balanced over the classes) and their SWD against
+    held-out real crops, beside the real-vs-real floor (training crops) and uniform noise."""
+    from patchdiffusion.eval.monitor import SWDMonitor
+    from patchdiffusion.sample import sample_images
+
+    config = loaded.config
+    height, width = config.data.resolution
+    batches = range(0, num_samples, SAMPLE_BATCH)
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, desc=f"sample {num_samples} images of {width}x{height}", unit="batch",
+                       file=sys.stderr, dynamic_ncols=True)
+    began, samples = time.time(), []
+    labels = torch.arange(num_samples) % classes if classes else None  # the families in equal shares
+    for start in batches:
+        count = min(SAMPLE_BATCH, num_samples - start)
+        samples.append(sample_images(loaded.method, loaded.net, config, count, seed0=start, device=device,
+                                     labels=None if labels is None else labels[start:start + count].to(device)).cpu())
+    samples = torch.cat(samples)
+    seconds = time.time() - began
+    held_out = held_out_spec(config.data.source, num_samples)
+    reference, reference_labels = _images(held_out or config.data.source, (height, width), num_samples, classes > 0)
+    training, _ = _images(config.data.source, (height, width), num_samples, False)
+    monitor = SWDMonitor(reference, num_images=len(reference), seed=0)
+    noise = torch.rand(len(reference), 3, height, width, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    swd = {"samples": monitor(samples)["swd"], "real": monitor(training)["swd"], "noise": monitor(noise)["swd"]}
+    return {"samples": samples, "labels": labels, "reference": reference, "reference_labels": reference_labels,
+            "held_out": held_out, "seconds": round(seconds, 1), "swd": {k: round(v, 2) for k, v in swd.items()}}
+
+
+def make_canvas(loaded, run_dir: Path, out_dir: Path, side: int, label: int | None, device, progress: bool, log) -> dict:
+    """One side x side canvas from tiles of the training size through `generate_canvases` (the method's
+    default tiling, TILE_BATCH tiles per call, the canvas in RAM or on disk as it needs), streamed to
+    out_dir/canvas.png; its time, the peak memory while it was made and its seam profile."""
+    from patchdiffusion.diffusion.tiled import resolve_tiling
+    from patchdiffusion.sample import generate_canvases, tiling_config
+
+    tiling = tiling_config(loaded.method, tile_batch=TILE_BATCH)
+    tile, overlap = resolve_tiling(tiling, loaded.method.native_tile)
+    period = (tile[0] - overlap[0], tile[1] - overlap[1])  # the tile stride: where seams would repeat
+    exact_peak = _reset_peak_memory()
+    rss_before = (_status_kib("VmRSS") or 0) / 1024
+    began = time.time()
+    job = out_dir / "canvas_job"
+    [made] = generate_canvases(run_dir, job, num=1, seed=0, height=side, width=side,
+                               class_label=label, tiling=tiling, storage="auto", checkpoint_every=10**9,
+                               device=str(device), progress=progress, log=log, loaded=loaded)
+    seconds = time.time() - began
+    peak = _peak_rss_mib()
+    path = out_dir / "canvas.png"
+    os.replace(made, path)
+    shutil.rmtree(job, ignore_errors=True)
+    from PIL import Image
+
+    with Image.open(path) as picture:
+        canvas = torch.from_numpy(np.array(picture.convert("RGB"))).permute(2, 0, 1)[None]  # (1, 3, H, W) uint8
+    return {"size": [side, side], "area_x": side * side / (loaded.config.data.resolution[0]
+                                                            * loaded.config.data.resolution[1]),
+            "tile": list(tile), "overlap": list(overlap), "window": tiling.window, "grid": tiling.grid,
+            "seconds": round(seconds, 1), "peak_rss_mib": round(peak, 1), "rss_before_mib": round(rss_before, 1),
+            "peak_is_canvas_only": exact_peak, "period": period,
+            "seam": seam_profile_of(canvas, period, uint8=True).as_dict()}
+
+
+def seam_profile_of(images: torch.Tensor, period, uint8: bool = False):
+    """Seam profile of images in [-1, 1] (or uint8 with uint8=True) at the tile period."""
+    from patchdiffusion.eval.seam import seam_profile
+
+    return seam_profile(images if uint8 else _uint8(images), period)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -432,7 +517,8 @@ def summary_lines(s: dict) -> list[str]:
         f"({s['parameters_m']:.2f}M parameters){loss}",
         f"SWD x1e3 of {s['num_samples']} samples vs {'held-out' if s['held_out'] else 'training'} real crops: "
         f"{swd['samples']:.1f} (real vs real {swd['real']:.1f}, uniform noise {swd['noise']:.1f}; lower is better)",
-        f"large canvas: {c['size'][1]}x{c['size'][0]} ({c['area_x']:.0f}x the training area) from "
+        f"large canvas: {c['size'][1]}x{c['size'][0]}{' of ' + c['class'] if c['class'] else ''} "
+        f"({c['area_x']:.0f}x the training area) from "
         f"{c['tile'][1]}x{c['tile'][0]} tiles in {c['seconds']:.0f} s; {peak} {c['peak_rss_mib']:.0f} MiB "
         f"({c['rss_before_mib']:.0f} MiB before it)",
         f"seam score at the tile period {seam['period'][1]}: worst offset {seam['canvas']['worst']:.3f} "
@@ -459,21 +545,22 @@ def write_reports(out_dir: Path, s: dict) -> Path:
          f"samples **{swd['samples']:.1f}** · real vs real {swd['real']:.1f} (the floor) · uniform noise "
          f"{swd['noise']:.1f}; {s['num_samples']} images against "
          f"{'held-out real crops `' + s['held_out'] + '`' if s['held_out'] else 'training images'}"),
-        ("large canvas", f"{c['size'][1]}x{c['size'][0]}, {c['area_x']:.0f}x the training area, from "
+        ("large canvas", f"{c['size'][1]}x{c['size'][0]}{' of ' + c['class'] if c['class'] else ''}, "
+                         f"{c['area_x']:.0f}x the training area, from "
                          f"{c['tile'][1]}x{c['tile'][0]} tiles (overlap {c['overlap'][1]}, {c['window']} "
                          f"window, {c['grid']} grid) in {c['seconds']:.0f} s"),
         ("seam score (1.0 = seamless)",
          f"canvas **{seam['canvas']['worst']:.3f}** at the worst offset of the {seam['period'][1]}-pixel tile "
-         f"period ({seam['canvas']['at_grid']:.3f} on the unmoved grid's lines) · real crops "
-         f"{seam['real']['worst']:.3f} ({seam['real']['at_grid']:.3f})"),
+         f"period ({seam['canvas']['at_grid']:.3f} on the unmoved grid's lines) · {seam['real_images']} real crops"
+         f"{' of ' + c['class'] if c['class'] else ''} {seam['real']['worst']:.3f} ({seam['real']['at_grid']:.3f})"),
         ("peak memory", f"{c['peak_rss_mib']:.0f} MiB RSS "
                         f"{'while sampling the canvas' if c['peak_is_canvas_only'] else 'of the whole process'}"
                         f" ({c['rss_before_mib']:.0f} MiB before it)"),
         ("time", f"{s['total_seconds'] / 60:.1f} min in all on {s['device']} ({s['threads']} threads)"),
     ]
     pictures = [
-        ("canvas.png", f"The large canvas, {c['size'][1]}x{c['size'][0]}, sampled from "
-                       f"{c['tile'][1]}x{c['tile'][0]} tiles"),
+        ("canvas.png", f"The large canvas, {c['size'][1]}x{c['size'][0]}"
+                       f"{' of ' + c['class'] if c['class'] else ''}, sampled from {c['tile'][1]}x{c['tile'][0]} tiles"),
         ("samples_vs_real.png", "Samples of the training size (left) beside real crops (right)"),
         ("loss.png", "Training loss"),
     ]
@@ -481,8 +568,10 @@ def write_reports(out_dir: Path, s: dict) -> Path:
     for name, caption in pictures:
         if (out_dir / name).is_file():
             md += [f"## {caption}", "", f"![{caption}]({name})", ""]
-    md += [f"Sample more with `patchdiff sample --run {run_dir} --num 64 --out {out_dir / 'more'}`, or another "
-           f"large image with `patchdiff sample --run {run_dir} --size 2048x1024 --out {out_dir / 'large'}`.", ""]
+    label = f" --class {s['classes'].index(c['class'])}" if c["class"] else ""
+    md += [f"Sample more with `patchdiff sample --run {run_dir} --num 64{label} --out {out_dir / 'more'}`, or another "
+           f"large image with `patchdiff sample --run {run_dir} --size 2048x1024{label} --out {out_dir / 'large'}`.",
+           ""]
     report = out_dir / "report.md"
     report.write_text("\n".join(md))
 

@@ -50,9 +50,11 @@ def test_demo_figures(demo):
     assert s["held_out"] == "builtin:textures?count=16&seed=1"
     canvas = s["canvas"]
     assert canvas["size"] == [96, 96] and canvas["area_x"] == 9 and canvas["tile"] == [32, 32]
+    assert s["classes"][:2] == ["red-brick", "green-grass"] and canvas["class"] == "green-grass"  # one texture
     assert canvas["peak_rss_mib"] > 10 and canvas["seconds"] > 0
     seam = s["seam"]
     assert seam["period"] == [32 - canvas["overlap"][0], 32 - canvas["overlap"][1]]
+    assert seam["real_images"] == 3  # the held-out crops of the canvas's family (16 crops, every 5th)
     for which in ("canvas", "real"):
         assert math.isfinite(seam[which]["worst"]) and seam[which]["worst"] >= seam[which]["at_grid"]
     assert s["loss_first"] > 0 and s["loss_last"] > 0
@@ -91,6 +93,18 @@ def test_every_recipe_builds():
     for method in RECIPES:
         config = demo_config(method, device="cpu")
         build_method(config.method, config.model, config.data.resolution).validate()
+
+
+def test_canvas_class_errors():
+    from patchdiffusion.demo import pick_class
+    from patchdiffusion.errors import ConfigError
+
+    assert pick_class(["a", "green-grass"], None) == 1 and pick_class(["a", "b"], None) == 0
+    assert pick_class(["a", "b"], "b") == 1 and pick_class([], None) is None
+    with pytest.raises(ConfigError, match="unknown canvas class 'c'"):
+        pick_class(["a", "b"], "c")
+    with pytest.raises(ConfigError, match="class-conditional"):
+        pick_class([], "b")
 
 
 def test_held_out_spec():
