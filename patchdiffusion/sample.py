@@ -8,7 +8,6 @@ for files. Image i depends only on its seed, whatever the batch size.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import torch
 
 from patchdiffusion.config import RunConfig
 from patchdiffusion.diffusion.tiled import TilingConfig
-from patchdiffusion.errors import ConfigError
+from patchdiffusion.errors import ConfigError, did_you_mean
 from patchdiffusion.images import save_grid, save_png, to_uint8
 from patchdiffusion.methods.base import check_sampler_options, sampler_option_names
 from patchdiffusion.rng import SampleRNG, mix_seed
@@ -43,11 +42,10 @@ def split_options(method, sampler: str, values: dict) -> tuple[dict, dict]:
         elif key in method_names:
             for_method[key] = value
         else:
-            close = difflib.get_close_matches(key, sampler_names + method_names, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(
-                f"unknown sampling option '{key}'{hint}: sampler '{sampler}' takes {', '.join(sampler_names) or 'none'}"
-                f"; method '{method.name}' takes {', '.join(method_names) or 'none'}"
+                f"unknown sampling option '{key}'{did_you_mean(key, sampler_names + method_names)}: sampler "
+                f"'{sampler}' takes {', '.join(sampler_names) or 'none'}; method '{method.name}' takes "
+                f"{', '.join(method_names) or 'none'}"
             )
     return for_sampler, for_method
 
@@ -117,11 +115,6 @@ def generate_images(
         raise ConfigError("--batch must be at least 1")
     device = resolve_device(device)
     if loaded is None:
-        if use_ema is None:
-            from patchdiffusion.config import load_config
-
-            config_path = Path(run_dir) / "config.yaml"
-            use_ema = load_config(config_path).sample.use_ema if config_path.is_file() else True
         loaded = load_run(run_dir, device, use_ema)
     method, config = loaded.method, loaded.config
     chosen_sampler = sampler or config.sample.sampler or method.default_sampler
@@ -181,6 +174,15 @@ def tiling_config(method, tile=None, overlap=None, window=None, grid=None, wrap=
     return dataclasses.replace(base, **changes)
 
 
+def _digest(value) -> str:
+    """A short fingerprint of a conditioning value (a tensor's bytes, else its repr)."""
+    import hashlib
+
+    if isinstance(value, torch.Tensor):
+        return hashlib.sha256(value.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+    return repr(value)
+
+
 def _job_key(loaded: LoadedRun, parts: dict) -> str:
     """What a canvas depends on besides the sampler's parameters: the weights and the method's settings."""
     import hashlib
@@ -230,7 +232,7 @@ def generate_canvases(
         raise ConfigError(f"image format must be one of {', '.join(IMAGE_FORMATS)}, got {image_format!r}")
     device = resolve_device(device)
     if loaded is None:
-        loaded = load_run(run_dir, device, True if use_ema is None else use_ema)
+        loaded = load_run(run_dir, device, use_ema)
     method, config, net = loaded.method, loaded.config, loaded.net
     height, width = height or config.data.resolution[0], width or config.data.resolution[1]
     sampler = sampler or config.sample.sampler or method.default_sampler
@@ -268,7 +270,7 @@ def generate_canvases(
             else:  # to_uint8's rounding clamps to [-1, 1], as the method's decode would
                 (write_png if image_format == "png" else write_tiff)(path, x)
 
-        job_key = _job_key(loaded, {"options": repr(method_options), "cond": {k: repr(v) for k, v in cond.items()},
+        job_key = _job_key(loaded, {"options": repr(method_options), "cond": {k: _digest(v) for k, v in cond.items()},
                                     "guidance": guidance, "format": image_format, "size": [height, width]})
         sample_canvas(sampler, denoiser, shape, sigmas, seeds=mix_seed(SAMPLE_STREAM, image_seed), extra_args=cond,
                       options=run_options, storage=storage, folder=out_dir, job=out_dir / f".job-{image_seed:06d}",

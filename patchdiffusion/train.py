@@ -265,6 +265,9 @@ class Trainer:
         # Images counted per step (images seen, EMA): the batch times the method's average multiplier.
         self.step_images = self.cfg.batch_size * self.method.average_multiplier
         self.step, self.images_seen, self.data_position = 0, 0, 0
+        # CPU time inside training steps (not checkpoints, samples, metrics), summed over resumes, so that
+        # max_cpu_minutes, like steps, budgets the whole run.
+        self.step_cpu_seconds = 0.0
         if self.dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, run_dir / "config.yaml")
@@ -276,7 +279,6 @@ class Trainer:
         self.writer = self.open_writer()
         self.monitor = None
         self.last_loss, self.stopped_early = float("nan"), False
-        self.step_cpu_seconds = 0.0  # CPU time inside training steps (not checkpoints, samples, metrics)
 
     # -- set-up pieces -------------------------------------------------------------------------
     def restore(self) -> None:
@@ -292,6 +294,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.images_seen = int(state["step"]), int(state["images_seen"])
         self.data_position = int(state.get("data_position", self.step * self.cfg.batch_size))
+        self.step_cpu_seconds = float(state.get("cpu_seconds", 0.0))  # absent in checkpoints of older versions
         torch.set_rng_state(state["torch_rng"])
         if self.device.type == "cuda" and "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
@@ -484,6 +487,7 @@ class Trainer:
             state = {
                 "optimizer": self.optimizer.state_dict(), "step": self.step, "images_seen": self.images_seen,
                 "data_position": self.data_position, "torch_rng": torch.get_rng_state(),
+                "cpu_seconds": self.step_cpu_seconds,
             }
             if self.device.type == "cuda":
                 state["cuda_rng"] = torch.cuda.get_rng_state(self.device)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import difflib
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from torch import nn
 from patchdiffusion.diffusion.samplers import get_sampler
 from patchdiffusion.diffusion.schedules import schedule_from_name
 from patchdiffusion.diffusion.tiled import TiledDenoiser, TilingConfig, TilingError, check_tiling
-from patchdiffusion.errors import ConfigError
+from patchdiffusion.errors import ConfigError, did_you_mean
 from patchdiffusion.rng import SampleRNG
 
 Denoiser = Callable[..., Any]
@@ -101,10 +100,9 @@ def check_sampler_options(sampler: str, options: dict) -> None:
     accepted = sampler_option_names(sampler)
     for key in options:
         if key not in accepted:
-            close = difflib.get_close_matches(key, accepted, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
             known = ", ".join(accepted) if accepted else "none"
-            raise ConfigError(f"sampler '{sampler}' has no option '{key}'{hint}; its options: {known}")
+            raise ConfigError(f"sampler '{sampler}' has no option '{key}'{did_you_mean(key, accepted)}; "
+                              f"its options: {known}")
 
 
 @dataclass(frozen=True)
@@ -132,6 +130,57 @@ class TrainBatch:
     plan: StepPlan  # the step's plan (the method's own StepPlan subclass)
 
 
+# Parameters and FLOPs of the comparison networks of `patchdiff compare` agree within this factor (what a
+# method declares in `comparison_unmatched` excepted).
+COMPARISON_TOLERANCE = 1.5
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A seed paper's headline claim and what a `patchdiff compare` run says about it."""
+
+    method: str  # whose claim
+    claim: str  # the claim, one sentence
+    test: str  # how the comparison's figures test it at its scale
+    verdict: str  # holds | partly | does not hold | not testable
+    evidence: str  # the figures, with their units
+
+
+def comparison_record(records: dict[str, dict], method: str) -> dict | None:
+    """The first record of `method` among a comparison's records (a claim's baseline, say), or None."""
+    return next((r for r in records.values() if r.get("method") == method), None)
+
+
+def record_value(record: dict, path: str):
+    """A figure's value in a comparison record by dotted path ("quality.swd"); None when absent."""
+    node = record
+    for key in path.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node.get("value") if isinstance(node, dict) else node
+
+
+def ratio(a, b) -> float | None:
+    return None if a is None or b in (None, 0) else a / b
+
+
+def time_to_reach(curve: list[dict], target: float) -> float | None:
+    """Training CPU seconds at which an SWD curve [{cpu_seconds, swd}] first reaches `target` (linear between
+    points; the first point's time when it is already there); None when it never does."""
+    previous = None
+    for point in curve:
+        if point["cpu_seconds"] is None:
+            continue
+        if point["swd"] <= target:
+            if previous is None:
+                return point["cpu_seconds"]
+            (t0, v0), (t1, v1) = previous, (point["cpu_seconds"], point["swd"])
+            return t0 + (v0 - target) / (v0 - v1) * (t1 - t0) if v0 != v1 else t1
+        previous = (point["cpu_seconds"], point["swd"])
+    return None
+
+
 @dataclass(frozen=True)
 class Command:
     """A method's own command-line tool, `patchdiff NAME ...` (e.g. Patch-DM's train-codes).
@@ -157,6 +206,9 @@ class Method(abc.ABC):
     architectures: ClassVar[tuple[str, ...]] = ()
     config_suffixes: ClassVar[tuple[str, ...]] = ()  # foreign config files this method reads (`read_config_file`)
     commands: ClassVar[tuple[Command, ...]] = ()
+    # `patchdiff compare`: figures of the comparison network deliberately not matched to the other methods'
+    # ("params" or "flops" -> why), e.g. a method whose claim is fewer FLOPs at equal parameters
+    comparison_unmatched: ClassVar[dict[str, str]] = {}
 
     def __init__(self, config: Any, resolution: tuple[int, int], image_channels: int = 3):
         self.config = config
@@ -218,6 +270,21 @@ class Method(abc.ABC):
                           f"(methods that have them: {', '.join(others) or 'none'})")
 
     @classmethod
+    def comparison_overrides(cls, resolution: tuple[int, int]) -> list[str]:
+        """key=value overrides (model.* and sample.*) of this method's entry in `patchdiff compare` at
+        `resolution` (h, w): a CPU-sized network matched to the baseline U-Net of `full` (about 1.2M
+        parameters and 250M multiply-adds per 32² image; `COMPARISON_TOLERANCE`), with the method's own recipe.
+        Training settings (batch, learning rate, EMA, budget) are the comparison's, the same for all."""
+        raise ConfigError(f"method '{cls.name}' has no network for `patchdiff compare` "
+                          "(Method.comparison_overrides); give a run directory of it instead")
+
+    @classmethod
+    def comparison_claims(cls, records: dict[str, dict]) -> list["Claim"]:
+        """The method's seed's headline claims, judged from a comparison's records (label -> record, the
+        fields documented in `patchdiffusion/compare.py`); [] when the method makes none that can be tested."""
+        return []
+
+    @classmethod
     def read_config_file(cls, path: Path) -> tuple[Any, Path | None]:
         """A RunConfig (and the run directory it names, if any) from a foreign config file."""
         raise ConfigError(f"method '{cls.name}' reads no '{path.suffix}' config files")
@@ -274,10 +341,9 @@ class Method(abc.ABC):
         names = [f.name for f in dataclasses.fields(cls.SampleOptions)]
         for key in values:
             if key not in names:
-                close = difflib.get_close_matches(key, names, n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
                 known = ", ".join(names) if names else "none"
-                raise ConfigError(f"method '{cls.name}' has no sampling option '{key}'{hint}; its options: {known}")
+                raise ConfigError(f"method '{cls.name}' has no sampling option '{key}'{did_you_mean(key, names)}; "
+                                  f"its options: {known}")
         return cls.SampleOptions(**values)
 
     def sample(

@@ -28,8 +28,9 @@ from patchdiffusion.config import Range
 from patchdiffusion.diffusion.losses import EDMLoss
 from patchdiffusion.diffusion.precond import EDMPrecond
 from patchdiffusion.errors import ConfigError
-from patchdiffusion.methods.base import Method, StepPlan, TrainBatch
-from patchdiffusion.methods.full import EDMSettings, check_divisible, edm_sampling_sigmas
+from patchdiffusion.methods.base import (Claim, Method, StepPlan, TrainBatch, comparison_record, ratio,
+                                         record_value, time_to_reach)
+from patchdiffusion.methods.full import EDMSettings, check_divisible, comparison_unet, edm_sampling_sigmas
 from patchdiffusion.methods.latent_space import LatentSpaceMixin
 from patchdiffusion.nets.unet import UNet, UNetConfig
 from patchdiffusion.rng import SampleRNG
@@ -157,6 +158,48 @@ class PatchDiffusionMethod(LatentSpaceMixin, Method):
              "sample.num_steps=18"],
         ),
     }
+
+    @classmethod
+    def comparison_overrides(cls, resolution: tuple[int, int]) -> list[str]:
+        # The baseline's U-Net exactly (plus the two coordinate channels), so any difference is the patch
+        # training; real_p 0.5 as the paper's main results; full-canvas Heun sampling as the baseline.
+        return comparison_unet(min(resolution)) + ["model.real_p=0.5", "sample.sampler=heun", "sample.num_steps=18"]
+
+    @classmethod
+    def comparison_claims(cls, records: dict[str, dict]) -> list[Claim]:
+        claim = "about 2× faster training than full-image training to the same quality (Wang et al. 2023)"
+        test = ("training CPU time until its SWD curve first reaches the quality the full-image run ends with (the "
+                "mean of its last two curve points: single checkpoints swing), over that run's budget (0.5 = 2× "
+                "faster); same U-Net, data, batch and CPU budget")
+        mine, full = comparison_record(records, cls.name), comparison_record(records, "full")
+        if mine is None or full is None:
+            return [Claim(cls.name, claim, test, "not testable", "needs a 'full' entry in the same comparison")]
+        last = full["curve"][-2:]
+        target, budget = sum(p["swd"] for p in last) / len(last), full["curve"][-1]["cpu_seconds"]
+        reached = time_to_reach(mine["curve"], target)
+        share = ratio(reached, budget)
+        noise = max(filter(None, [record_value(r, "quality.swd_curve_last_change") for r in (mine, full)]), default=0)
+        curve = ", ".join(f"{p['swd']:.0f}@{p['cpu_seconds'] / 60:.1f}min" for p in mine["curve"] if p["cpu_seconds"])
+        evidence = (
+            f"full ends at curve SWD {target:.1f} (mean of its last {len(last)} points, budget {budget / 60:.1f} CPU min); "
+            f"{cls.name} curve: {curve}; "
+            + (f"reached at {share:.2f} of the budget" if share is not None else "never reached it")
+            + f"; final SWD {record_value(mine, 'quality.swd'):.1f} vs {record_value(full, 'quality.swd'):.1f}; "
+            f"train multiply-adds per image {record_value(mine, 'network.train_flops') / 1e6:.0f}M vs "
+            f"{record_value(full, 'network.train_flops') / 1e6:.0f}M; CPU s per training image "
+            f"{record_value(mine, 'training.cpu_seconds_per_image'):.4f} vs "
+            f"{record_value(full, 'training.cpu_seconds_per_image'):.4f}; noise scale (change between the last two "
+            f"curve points) {noise:.1f}; the curve has {len(mine['curve'])} points, so times are coarse")
+        if share is None or share > 0.85:
+            verdict = "does not hold"
+        elif share <= 0.6:
+            verdict = "holds"
+        else:
+            verdict = "partly"
+        mine_end = sum(p["swd"] for p in mine["curve"][-2:]) / len(mine["curve"][-2:])
+        if verdict != "does not hold" and noise > 0 and abs(mine_end - target) < noise:
+            verdict += " (within noise)"
+        return [Claim(cls.name, claim, test, verdict, evidence)]
 
     def validate(self) -> None:
         cfg = self.config
