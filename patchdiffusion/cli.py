@@ -460,8 +460,8 @@ def add_demo_parser(sub) -> None:
     )
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     p.add_argument("--minutes", type=number_arg(float, above=0, maximum=1e7), default=DEFAULT_MINUTES,
-                   help=f"training wall-time budget in minutes (default {DEFAULT_MINUTES:g}: the whole demo then "
-                        f"takes about 5 minutes on 2 CPU cores)")
+                   help=f"training wall-time budget in minutes (default {DEFAULT_MINUTES:g}: the whole demo, install "
+                        f"included, then fits in 8 minutes on 2 idle CPU cores)")
     p.add_argument("--method", default=DEFAULT_METHOD, choices=list(RECIPES),
                    help=f"which method to train (default {DEFAULT_METHOD}: the best images in the budget, see "
                         f"the README); each has a small CPU recipe")
