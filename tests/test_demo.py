@@ -122,3 +122,12 @@ def test_cli_demo_help_and_errors():
     done = subprocess.run([sys.executable, "-m", "patchdiffusion.cli", "demo", "--method", "nope"],
                           capture_output=True, text=True)
     assert done.returncode != 0 and "invalid choice: 'nope'" in done.stderr
+
+
+def test_free_cpu_threads():
+    from patchdiffusion.demo import free_cpu_threads
+
+    assert free_cpu_threads(load=0.1, cores=2, current=2) == 2  # an idle machine: torch's own count
+    assert free_cpu_threads(load=1.2, cores=2, current=2) == 1  # one core busy elsewhere
+    assert free_cpu_threads(load=6.0, cores=2, current=2) == 1  # never fewer than one
+    assert free_cpu_threads(load=0.0, cores=16, current=4) == 4  # never more than torch was given
