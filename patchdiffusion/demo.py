@@ -64,7 +64,7 @@ SHARED = (
 
 # One line per method. The patching recipe is the default, by measurement (README, "The demo"): in
 # `patchdiff compare` of every method on builtin:textures at 32² with 10 CPU minutes each it gave the best
-# SWD (73.6, against 82.6 patch_ddpm, 141 full, 178 patch_diffusion), and it is the cheapest per canvas
+# SWD (73.6, against 82.6 patch_ddpm, 85.9 patch_dm, 141 full, 178 patch_diffusion), and the cheapest per canvas
 # tile (its U-Net runs at 32/P inside each tile: 4 ms a tile at P = 2, against 10-13 ms for the
 # full-resolution networks). P = 2 rather than the comparison's P = 4: the same SWD within noise for the
 # same CPU (53 against 47) but a finer patch lattice on the canvas (seam score 1.10 against 1.20).
