@@ -120,11 +120,32 @@ def seam_profile(images: torch.Tensor, period: int | tuple[int, int], step: int 
     """Seam scores of (N, C, H, W) images (uint8 or 0..255) at tile period `period` for every offset
     (every `step` pixels): a fixed tile grid leaves its seams at offset 0; a grid that moves each
     sampling step has no lines of its own, so the worst offset is the fair figure to compare; natural
-    images give about 1 at every offset."""
+    images give about 1 at every offset.
+
+    The same numbers as `seam_score` at each offset, computed from the neighbour steps summed per
+    column (horizontal pairs) and per row (vertical pairs) once: whether a pair is across or beside a
+    boundary depends only on its column or row, so every offset costs O(H + W) instead of a pass over
+    the pixels (a 1024² image at period 24: well under a second instead of minutes)."""
     period = (period, period) if isinstance(period, int) else tuple(period)
+    if min(period) < 2:
+        raise EvalError(f"seam score needs tiles of at least 2x2 pixels, got {period} (h, w)")
+    x = images.double()
+    count, height, width = x.shape[0], x.shape[2], x.shape[3]
+    if height <= period[0] and width <= period[1]:
+        raise EvalError(f"seam score: images of {height}x{width} hold a single {period[0]}x{period[1]} tile")
+    columns = (x[:, :, :, 1:] - x[:, :, :, :-1]).abs().mean(dim=1).sum(dim=(0, 1))  # (W-1,) horizontal pairs
+    rows = (x[:, :, 1:, :] - x[:, :, :-1, :]).abs().mean(dim=1).sum(dim=(0, 2))  # (H-1,) vertical pairs
     scores = {}
     for dy in range(0, period[0], step):
+        across_y, beside_y = pair_classes(height, period[0], dy)
         for dx in range(0, period[1], step):
-            scores[(dy, dx)] = seam_score(images, period, offset=(dy, dx)).score
+            across_x, beside_x = pair_classes(width, period[1], dx)
+            boundary_count = int(across_x.sum()) * count * height + int(across_y.sum()) * count * width
+            interior_count = int(beside_x.sum()) * count * height + int(beside_y.sum()) * count * width
+            if boundary_count == 0 or interior_count == 0:
+                raise EvalError("seam score: no tile boundary (or no tile interior) falls inside these images")
+            boundary = float(columns[across_x].sum() + rows[across_y].sum()) / boundary_count
+            interior = float(columns[beside_x].sum() + rows[beside_y].sum()) / interior_count
+            scores[(dy, dx)] = boundary / interior if interior > 0 else (1.0 if boundary == 0 else float("inf"))
     worst = max(scores, key=scores.get)
     return SeamProfile(period, scores[(0, 0)], scores[worst], worst, sum(scores.values()) / len(scores))
