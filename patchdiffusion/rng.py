@@ -37,6 +37,15 @@ class SampleRNG:
     def __len__(self) -> int:
         return len(self.generators)
 
+    def clone(self) -> "SampleRNG":
+        """An independent copy at the same point of every stream: the same draws follow from both."""
+        twin = SampleRNG([], self.device)
+        for g in self.generators:
+            copy = torch.Generator(device=self.device)
+            copy.set_state(g.get_state())
+            twin.generators.append(copy)
+        return twin
+
     def randn(self, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Standard normal draws, shape (B, *shape)."""
         return torch.stack([torch.randn(shape, generator=g, device=self.device, dtype=dtype) for g in self.generators])
