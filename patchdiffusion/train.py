@@ -330,7 +330,7 @@ class Trainer:
         self.say(self.precision_reason)
         self.amp = autocast_context(self.precision, self.device)
         self.model = self.wrap_model()
-        self.compiled_loss = None
+        self.compiled_loss, self.compile_settled = None, False
         self.batches = StepBatches(len(self.dataset), self.cfg.batch_size, self.cfg.seed, self.dist.rank,
                                    self.dist.world_size)
         self.writer = self.open_writer()
@@ -426,7 +426,7 @@ class Trainer:
                     break
                 cpu_start = time.process_time()
                 batch, rng = self.training_batch(images, labels, index)
-                if self.compile_choice is None or (self.compile_choice and self.compiled_loss is None):
+                if not self.compile_settled:
                     self.choose_compile(batch)
                 self.optimizer_step(batch, rng)
                 self.update_ema()
@@ -556,8 +556,9 @@ class Trainer:
                     False, f"compile off (auto: {self.cfg.steps - self.step} steps are too few to repay a compile)")
             else:
                 self.compile_choice = self.agreed(self.measure_and_decide(batch))
-            self.say(self.compile_choice.reason)
-            self.note_choices()
+        self.say(self.compile_choice.reason)
+        self.note_choices()
+        self.compile_settled = True
         if self.compile_choice:
             self.compiled_loss = compile_function(self.step_loss, dynamic=False)
 
