@@ -207,8 +207,7 @@ def count_flops(fn) -> tuple[float, dict]:
 
     with FlopCounterMode(display=False) as counter:
         fn()
-    per_op = {str(op).split(".")[-2] if "." in str(op) else str(op): n
-              for op, n in counter.get_flop_counts().get("Global", {}).items()}
+    per_op = {str(op).removeprefix("aten."): n for op, n in counter.get_flop_counts().get("Global", {}).items()}
     return float(counter.get_total_flops()), per_op
 
 
@@ -221,21 +220,23 @@ def matmul_peak(device, side: int = 2048, repeats: int = 5) -> float:
     return 2 * side**3 / best / 1e9
 
 
-KINDS = (  # operator name fragments -> the kind of work, for "where the time goes"
-    ("convolution", ("conv", "mkldnn_convolution")),
-    ("attention / matmul", ("attention", "addmm", "mm", "bmm", "linear", "baddbmm")),
-    ("normalization", ("group_norm", "native_group_norm", "layer_norm")),
-    ("optimizer", ("adam", "_foreach", "fused")),
-    ("compiled elementwise kernels", ("cpp_fused", "triton_", "graph_", "compiledfunction", "compiled")),
-)
-
-
 def kind_of(name: str) -> str:
-    low = name.lower()
-    for kind, fragments in KINDS:
-        if any(f in low for f in fragments):
-            return kind
-    return "elementwise and other"
+    """The kind of work a profiler event is, for "where the time goes"."""
+    op = name.removeprefix("aten::").lower()
+    if name.startswith(("## Call CompiledFxGraph", "CompiledFunction", "Torch-Compiled Region")) or "cpp_fused" in op \
+            or op.startswith("triton"):
+        return "compiled graphs (inductor's fused elementwise and norm kernels)"
+    if "conv" in op:
+        return "convolution"
+    if op in ("addmm", "mm", "bmm", "baddbmm", "linear", "matmul") or "attention" in op:
+        return "matmul / attention"
+    if "norm" in op:
+        return "normalization"
+    if "adam" in op or op.startswith("_foreach"):
+        return "optimizer, EMA, clipping (foreach)"
+    if op in ("normal_", "uniform_", "random_", "randint", "randn", "rand", "flip", "stack", "where"):
+        return "random draws, flips, batching"
+    return "other (elementwise, copies, views, dispatch)"
 
 
 def profile_table(events, steps: int, top: int = 12) -> dict:

@@ -68,3 +68,19 @@ class SampleRNG:
         if x.shape[0] != len(self.generators):
             raise ValueError(f"batch of {x.shape[0]} but {len(self.generators)} generators")
         return self.randn(*x.shape[1:], dtype=x.dtype)
+
+
+_DRAWS = ("randn", "rand", "randint", "randn_like")
+
+
+def keep_draws_out_of_compiled_graphs() -> None:
+    """Have torch.compile run SampleRNG's draws as they are, outside its graphs (the numbers do not change).
+
+    Traced, the loop over generators would be cut into one graph piece per example, recompiled for every
+    batch size. Called before compiling rather than at import: importing torch's compiler costs a second."""
+    for name in _DRAWS:
+        draw = getattr(SampleRNG, name)
+        if not getattr(draw, "_outside_graphs", False):
+            eager = torch.compiler.disable(draw)
+            eager._outside_graphs = True
+            setattr(SampleRNG, name, eager)

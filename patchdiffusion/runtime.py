@@ -236,8 +236,8 @@ def synchronize(device: torch.device) -> None:
 
 COMPILE_PAYBACK = 3.0          # the time a compile saves must be at least this multiple of what it costs
 DEFAULT_COMPILE_GAIN = 0.2     # share of a call's time a compile saves where this machine has not measured it
-DEFAULT_SECONDS_PER_OP = 0.05  # compile seconds per operator of the eager call (cold cache), until measured here
-WARM_CACHE_SHARE = 0.3         # a compile with inductor's cache filled costs about this share of a cold one
+DEFAULT_SECONDS_PER_OP = 0.06  # compile seconds per operator of the eager call (cold cache), until measured here
+WARM_CACHE_SHARE = 0.1         # a compile with inductor's cache filled costs about this share of a cold one
 
 
 def inductor_cache() -> Path:
@@ -341,7 +341,10 @@ def count_ops(fn, *args, **kwargs):
 def compile_function(fn, dynamic: bool = False):
     """torch.compile with inductor's cache on disk. `dynamic=False`: one graph per input shape (Patch
     Diffusion's few patch sizes each get their own) instead of slower shape-generic code."""
+    from patchdiffusion.rng import keep_draws_out_of_compiled_graphs
+
     inductor_cache()
+    keep_draws_out_of_compiled_graphs()
     return torch.compile(fn, dynamic=dynamic)
 
 

@@ -329,3 +329,44 @@ def test_optimizer_is_fused_or_foreach():
     optimizer = train_module.build_optimizer(net, RunConfig().train)
     group = optimizer.param_groups[0]
     assert group.get("fused") or group.get("foreach")
+
+
+def test_compiled_step_traces_once_per_step_shape_and_draws_the_same_numbers(tmp_path, monkeypatch):
+    """The loss as compiled (dynamo, with its graphs run eagerly so that no C++ compiler is needed): Patch
+    Diffusion's patch sizes each get their graphs once and nothing recompiles afterwards; the random draws
+    stay outside the graphs, so the weights equal an eager run's bit for bit."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from conftest import TINY_METHODS
+    from patchdiffusion.rng import keep_draws_out_of_compiled_graphs
+
+    def dynamo_only(fn, dynamic=False):
+        keep_draws_out_of_compiled_graphs()
+        return torch.compile(fn, backend="eager", dynamic=dynamic)
+
+    monkeypatch.setattr(train_module, "compile_function", dynamo_only)
+    torch._dynamo.reset()
+    counters.clear()
+    settings = ["method=patch_diffusion", *TINY_METHODS["patch_diffusion"], "data.source=builtin:textures?count=32",
+                "data.resolution=16", "train.batch_size=4", "train.steps=24", "train.sample_images=0",
+                "train.device=cpu", "train.log_every=8"]
+    shapes, graphs = [], []
+
+    def watch(trainer):
+        shapes.append(len(trainer.compile_watch["shapes"]))
+        graphs.append(counters["stats"]["unique_graphs"])
+
+    trainer = train_module.Trainer(apply_overrides(RunConfig(), settings + ["train.compile=on"]), tmp_path / "compiled",
+                                   False, False, quiet)
+    trainer.between_steps = watch
+    try:
+        trainer.run()
+    finally:
+        torch._dynamo.reset()
+    assert shapes[-1] >= 2  # several patch sizes were seen
+    settled = shapes.index(shapes[-1])
+    assert graphs[settled:] == [graphs[settled]] * (len(graphs) - settled), (shapes, graphs)
+    assert graphs[-1] <= 10 * shapes[-1]
+    train(apply_overrides(RunConfig(), settings + ["train.compile=off"]), tmp_path / "eager", progress=False, log=quiet)
+    assert_same(weights(tmp_path / "compiled", "net"), weights(tmp_path / "eager", "net"))
