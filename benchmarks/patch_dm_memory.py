@@ -1,9 +1,9 @@
 """Patch-DM's claim, measured: the memory of sampling a canvas does not grow with the canvas.
 
 For canvases of 256², 1024² and 4096², with a fixed patch batch (`--patch-batch`, encoder patches
-per network call), `tiling.sample_canvas` walks `--steps` DDIM steps (`--guidance`; ≠ 1 runs two
-branches per call) with the canvas kept (a) in host memory and (b) memory-mapped on
-disk. Each case runs in a fresh subprocess, which
+per network call), `canvas.sample_canvas` walks `--steps` DDIM steps (`--guidance`; ≠ 1 runs two
+branches per call) over the method's tiled denoiser (tiles of the training size, the collage reading
+p/2 into the neighbours) with the canvas kept (a) in host memory and (b) in files on disk. Each case runs in a fresh subprocess, which
   1. builds the collage U-Net (the CPU demo's widths, `--preset`'s net, random weights: memory and
      time do not depend on the weights) and runs one tile so the math libraries are loaded;
   2. CPU: resets the resident-set high-water mark (/proc/self/clear_refs) and reads VmRSS = the
@@ -82,17 +82,21 @@ def build(preset: str, patch_batch: int, channels: int = 0):
 def measure(side: int, storage: str, patch_batch: int, steps: int, preset: str, device: str, threads: int,
             folder: str, channels: int = 0, guidance: float = 1.5) -> dict:
     """One case, in this process: the numbers of the module docstring."""
-    from patchdiffusion.tiling import sample_canvas
+    from patchdiffusion.canvas import sample_canvas
+    from patchdiffusion.rng import SampleRNG
 
     torch.set_num_threads(threads)
     dev = torch.device(device)
     method, net = build(preset, patch_batch, channels)
     net = net.to(dev).eval()
-    code = net.codes.weight[0].detach()
-    p = method.patch_size
-    sample_canvas(method, net, 2 * p, 2 * p, seed=0, code=code, steps=1, guidance=guidance, device=dev).store.close()
-    out = dict(side=side, storage=storage, patch_batch=patch_batch, steps=steps, patch_size=p,
-               parameters=sum(q.numel() for q in net.parameters()),
+    options = method.make_options({"code_from": 0})
+    cond = method.sampling_condition(net, SampleRNG([0], dev), None, options)
+    denoiser = method.tiled_denoiser(net, options, guidance, method.default_tiling(), device=dev)
+    sigmas = method.sampling_sigmas(steps)
+    tile = method.native_tile
+    sample_canvas("ddim", denoiser, (1, 3, *tile), method.sampling_sigmas(1), extra_args=cond, storage="memory")
+    out = dict(side=side, storage=storage, patch_batch=patch_batch, steps=steps, patch_size=method.patch_size,
+               tile=list(tile), parameters=sum(q.numel() for q in net.parameters()),
                canvas_arrays_mib=2 * 3 * side * side * 4 / MIB)
     loaded, hwm_reset = start_working_memory(dev)
     if dev.type != "cuda":
@@ -100,18 +104,17 @@ def measure(side: int, storage: str, patch_batch: int, steps: int, preset: str, 
     anon_loaded = proc_status_kib("RssAnon")["RssAnon"] * 1024
     start = time.perf_counter()
     with AnonPoller() as poller:
-        result = sample_canvas(method, net, side, side, seed=0, code=code, steps=steps, guidance=guidance,
-                               storage=storage, folder=folder, device=dev)
+        result = sample_canvas("ddim", denoiser, (1, 3, side, side), sigmas, seeds=0, extra_args=cond,
+                               storage=storage, folder=folder)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
     wall = time.perf_counter() - start
     peak = peak_memory(dev)
-    finite = bool(torch.isfinite(torch.from_numpy(result.store.current[:, :64, :64].copy())).all())
-    result.store.close()
+    finite = bool(torch.isfinite(result.canvas.read(0, 0, 64, 0, 64)).all())
     mp = side * side / 1e6
     out.update(after_load_mib=loaded / MIB, peak_mib=peak / MIB, working_mib=(peak - loaded) / MIB,
                anon_after_load_mib=anon_loaded / MIB, anon_peak_mib=poller.peak / MIB,
-               anon_working_mib=(poller.peak - anon_loaded) / MIB, network_calls=result.network_calls,
+               anon_working_mib=(poller.peak - anon_loaded) / MIB, network_calls=result.tiles,
                seconds=wall, s_per_megapixel_per_step=wall / steps / mp,
                s_per_megapixel_50_steps_extrapolated=wall / steps / mp * 50, finite=finite)
     return out

@@ -4,7 +4,8 @@ Two runs trained the same way on built-in data (the `patch-dm-cpu` preset: 64² 
 32² patches), one with the feature collage and one without (`model.collage=false`, each patch
 decoded from its own features), sample `--num` canvases of `--size` (default 256², 4× the training
 side) with the same codes (training image i's code for canvas i) and the same per-patch noise, via
-the memory-bounded loop (`tiling.sample_canvas`). The seam score (patchdiffusion/eval/seam.py) is
+tiles of the training size (`sample.generate_canvases`, the method's tile model: the collage reads p/2
+into neighbouring tiles). The seam score (patchdiffusion/eval/seam.py) is
 taken on the grid of output patches (offset 0; where a patch-wise model's seams lie) and on the
 grid shifted by p/2 (the collage's encoder patches), beside real images of the same family at the
 same size (whose score is 1.0 up to noise). Issue 7's target: ≤ 1.05 with the collage.
@@ -35,25 +36,32 @@ from benchmarks.common import machine_info, write_results
 
 def sample_run(run: str, size: tuple[int, int], num: int, steps: int, guidance: float, positions: str | None,
                grid_shift: str, device: torch.device) -> tuple[np.ndarray, dict]:
-    """`num` canvases (N, 3, H, W) uint8 of a run, canvas i with training image i's code and seed i."""
+    """`num` canvases (N, 3, H, W) uint8 of a run, canvas i with training image i's code and seed i, made
+    from tiles of the training size (the collage joining them) on a fixed or a moving grid."""
+    import tempfile
+
+    from PIL import Image
+
     from patchdiffusion.run import load_run
-    from patchdiffusion.tiling import sample_canvas
+    from patchdiffusion.sample import generate_canvases, tiling_config
 
     loaded = load_run(run, device)
     method, net = loaded.method, loaded.net
-    if positions:
-        method.config.positions = positions
-    method.config.grid_shift = grid_shift
     table = method.code_table(net)
+    tiling = tiling_config(method, grid=grid_shift)
     images, seconds = [], 0.0
-    for i in range(num):
-        result = sample_canvas(method, net, size[0], size[1], seed=i, code=table[i % len(table)], steps=steps,
-                               guidance=guidance, device=device)
-        seconds += result.seconds
-        images.append(np.clip(np.round((np.array(result.store.current) + 1) * 127.5), 0, 255).astype(np.uint8))
-        result.store.close()
-    info = dict(run=run, collage=method.config.collage, patch_size=method.patch_size, positions=method.config.positions,
-                grid_shift=grid_shift, checkpoint=str(loaded.checkpoint.path), seconds_per_canvas=seconds / num)
+    with tempfile.TemporaryDirectory(prefix="patch-dm-seams-") as out:
+        for i in range(num):
+            options = {"code_from": i % len(table), **({"positions": positions} if positions else {})}
+            start = time.time()
+            paths = generate_canvases(run, out, num=1, seed=i, height=size[0], width=size[1], sampler="ddim",
+                                      steps=steps, guidance=guidance, tiling=tiling, loaded=loaded, progress=False,
+                                      log=lambda *a: None, **options)
+            seconds += time.time() - start
+            images.append(np.asarray(Image.open(paths[0]).convert("RGB")).transpose(2, 0, 1))
+    info = dict(run=run, collage=method.config.collage, patch_size=method.patch_size, positions=positions or
+                method.config.positions, grid_shift=grid_shift, checkpoint=str(loaded.checkpoint.path),
+                seconds_per_canvas=seconds / num)
     return np.stack(images), info
 
 

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from patchdiffusion.diffusion.samplers import HISTORY_ARGS, get_sampler
+from patchdiffusion.errors import ConfigError
 from patchdiffusion.diffusion.tiled import (
     TensorReader, TiledDenoiser, TilingError, add_tile, plan_axis, read_window,
 )
@@ -82,7 +83,7 @@ _START_STREAM, _STEP_STREAM = 0x5354, 0x5354 + 1  # mix_seed streams of the star
 _JOB_VERSION = 1
 
 
-class CanvasError(ValueError):
+class CanvasError(ConfigError):
     """A canvas that cannot be sampled as asked (storage, disk space, job folder): one line for the user."""
 
 

@@ -7,6 +7,7 @@
     patchdiff config [--method M | --preset P | --list-presets]   every config key with its default
     patchdiff bench NAME                   speed/memory benchmarks (ratios measured side by side)
     patchdiff demo                         train a small model on built-in data, sample, report
+    patchdiff compare --methods A,B,...    several methods, one data set and budget, one report
 and each method's own tools (e.g. `patchdiff train-codes`), listed by `patchdiff --help`.
 
 The CLI knows no method by name: a method's extra options, tools, presets and architectures come
@@ -17,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import sys
 import time
 import typing
 from pathlib import Path
 
 from patchdiffusion.config import number_arg, positive_int, seed_int, size_arg
-from patchdiffusion.errors import ConfigError, TrainingDiverged, UserError
+from patchdiffusion.errors import ConfigError, TrainingDiverged, UserError, did_you_mean
 
 EPILOG_TRAIN = """\
 Any config value can be set as key=value (or --key value): a full dotted path such as
@@ -76,9 +76,7 @@ def _refuse_extra(extra: list[str], parser: argparse.ArgumentParser) -> None:
         return
     word = extra[0]
     flags = [s for action in parser._actions for s in action.option_strings]
-    close = difflib.get_close_matches(word.split("=")[0], flags, n=1)
-    hint = f" (did you mean {close[0]}?)" if close else ""
-    raise ConfigError(f"unknown argument '{word}'{hint}")
+    raise ConfigError(f"unknown argument '{word}'{did_you_mean(word.split('=')[0], flags)}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -137,6 +135,29 @@ def _add_sampler_options(parser: argparse.ArgumentParser) -> None:
         kind = number_arg(float, minimum=0, maximum=SAMPLER_MAXIMA.get(name, 1e6)) if isinstance(default, float) else str
         group.add_argument(f"--{name}", dest=f"sampler_option.{name}", metavar=name.upper(), type=kind, default=None,
                            choices=SAMPLER_CHOICES.get(name), help=f"{'/'.join(samplers)} (default {default})")
+
+
+def _add_tiling_options(parser: argparse.ArgumentParser) -> None:
+    from patchdiffusion.diffusion.tiled import GRIDS, WINDOWS
+
+    group = parser.add_argument_group(
+        "any size: a --size other than the training size (or any flag below) makes each image a canvas of tiles "
+        "of the model's size, in bounded memory, streamed to disk, resumable (see docs/any_size.md)")
+    group.add_argument("--tile", type=size_arg, help="tile size N or WxH (default: the model's training size)")
+    group.add_argument("--overlap", type=number_arg(int, minimum=0, maximum=1 << 20),
+                       help="pixels shared by neighbouring tiles (default: the method's, a quarter of the tile)")
+    group.add_argument("--window", choices=WINDOWS, help="how overlapping tiles are blended (default: the method's)")
+    group.add_argument("--grid", choices=GRIDS, help="fixed tile grid, or a random offset at every step "
+                                                     "(default: the method's)")
+    group.add_argument("--wrap", action="store_true", help="seamless texture: tiles wrap around the canvas edges")
+    group.add_argument("--tile-batch", type=number_arg(int, minimum=1, maximum=1 << 16),
+                       help="tiles per network call: peak memory grows with it (default 4)")
+    group.add_argument("--canvas", choices=("auto", "memory", "disk"),
+                       help="keep the canvas and the sampler's state in RAM or in files (auto: by size)")
+    group.add_argument("--format", choices=("png", "tiff"), help="png, or tiff for a tiled BigTIFF (huge canvases)")
+    group.add_argument("--checkpoint-every", type=number_arg(int, minimum=1, maximum=1e6),
+                       help="checkpoint the canvas every K steps; rerun the same command after a kill to resume "
+                            "(default 1)")
 
 
 SAMPLER_CHOICES = {"variance": ("small", "large", "learned")}  # the string-valued sampler options
@@ -244,7 +265,7 @@ def _architecture_list() -> str:
 
 def cmd_sample(args, extra: list[str]) -> int:
     from patchdiffusion.config import parse_size
-    from patchdiffusion.sample import generate_images
+    from patchdiffusion.sample import generate_canvases, generate_images, tiling_config
 
     _refuse_extra(extra, args.parser)
     height = width = None
@@ -252,13 +273,38 @@ def cmd_sample(args, extra: list[str]) -> int:
         height, width = parse_size(args.size)
     out = args.out or str(Path(args.run) / "generated")
     options = {**_collected(args, "sampler_option."), **_collected(args, "method_option.")}
-    paths = generate_images(
-        args.run, out, num=args.num, seed=args.seed, batch_size=args.batch, sampler=args.sampler,
-        steps=args.steps, guidance=args.guidance, class_label=args.class_label, height=height, width=width,
-        device=args.device, use_ema=False if args.no_ema else None, progress=not args.no_progress, **options,
-    )
+    common = dict(num=args.num, seed=args.seed, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
+                  class_label=args.class_label, height=height, width=width, device=args.device,
+                  use_ema=False if args.no_ema else None, progress=not args.no_progress)
+    tile_flags = (args.tile, args.overlap, args.window, args.grid, args.tile_batch, args.canvas, args.format,
+                  args.checkpoint_every)
+    if any(flag is not None for flag in tile_flags) or args.wrap or _other_size(args.run, height, width):
+        from patchdiffusion.run import load_run
+        from patchdiffusion.runtime import resolve_device
+
+        loaded = load_run(args.run, resolve_device(args.device), False if args.no_ema else None)
+        tiling = tiling_config(loaded.method, args.tile, args.overlap, args.window, args.grid,
+                               True if args.wrap else None, args.tile_batch, seed=args.seed)
+        paths = generate_canvases(args.run, out, tiling=tiling, storage=args.canvas or "auto",
+                                  image_format=args.format or "png", checkpoint_every=args.checkpoint_every or 1,
+                                  loaded=loaded, **common, **options)
+        print(f"wrote {len(paths)} canvas{'es' if len(paths) != 1 else ''} to {out}")
+        return 0
+    paths = generate_images(args.run, out, batch_size=args.batch, **common, **options)
     print(f"wrote {len(paths)} images and grid.png to {out}")
     return 0
+
+
+def _other_size(run_dir: str, height: int | None, width: int | None) -> bool:
+    """Whether --size asks for something other than the run's training size (then it is made from tiles)."""
+    from patchdiffusion.config import load_config
+
+    if height is None:
+        return False
+    config_path = Path(run_dir) / "config.yaml"
+    if not config_path.is_file():
+        return False  # generate_images says what is wrong with the run directory
+    return (height, width) != tuple(load_config(config_path).data.resolution)
 
 
 def add_sample_parser(sub) -> None:
@@ -280,6 +326,7 @@ def add_sample_parser(sub) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--no-progress", action="store_true")
+    _add_tiling_options(p)
     _add_sampler_options(p)
     _add_method_options(p)
     p.set_defaults(func=cmd_sample, parser=p)
@@ -409,6 +456,92 @@ def add_demo_parser(sub) -> None:
     p.set_defaults(func=cmd_demo)
 
 
+EPILOG_COMPARE = """\
+Each method trains on the network its class picks for a comparison (about the same parameters and FLOPs
+for all; results.json lists each one's settings), with the same batch, learning
+rate, EMA and budget, in its own process with one thread. A run directory in --methods is evaluated as
+it is. Extra key=value words apply to every method trained here, METHOD:key=value to one of them.
+
+Interrupted (Ctrl-C, a kill, a crash), the same command resumes: finished methods are not trained or
+evaluated again, a half-trained one continues from its last checkpoint.
+
+Writes OUT/results.json (every figure with its unit, the machine, the command), OUT/report.md and
+OUT/report.html (self-contained), OUT/METHOD/{samples.png, large/, log.txt, run/}.
+
+examples:
+  patchdiff compare --methods {methods} \\
+      --data builtin:textures --resolution 32 --cpu-minutes 10 --out runs/compare --jobs 2
+  patchdiff compare --methods {first},runs/mine --data builtin:textures --resolution 32 --cpu-minutes 5 --out cmp
+"""
+
+
+def cmd_compare(args, extra: list[str]) -> int:
+    from patchdiffusion.compare import CompareSettings, run_comparison
+
+    settings = CompareSettings(
+        methods=[m for m in args.methods.split(",") if m.strip()], data=args.data, resolution=args.resolution,
+        cpu_minutes=args.cpu_minutes, large_size=args.large_size, held_out=args.held_out, inception=args.inception,
+        images=args.images, curve_images=args.curve_images, curve_points=args.curve_points,
+        memory_batch=args.memory_batch, overrides=_split_overrides(extra),
+    )
+    import shlex
+
+    # The command as it could be typed again (every option spelled out, defaults included), for the report.
+    flags = [("--methods", args.methods), ("--data", args.data), ("--resolution", args.resolution),
+             ("--cpu-minutes", f"{args.cpu_minutes:g}"), ("--out", args.out), ("--large-size", args.large_size),
+             ("--held-out", args.held_out), ("--inception", args.inception), ("--jobs", args.jobs),
+             ("--images", args.images), ("--curve-images", args.curve_images), ("--curve-points", args.curve_points),
+             ("--memory-batch", args.memory_batch)]
+    words = [w for flag, value in flags if value is not None for w in (flag, str(value))] + list(extra)
+    command = "patchdiff compare " + " ".join(shlex.quote(w) for w in words)
+    results = run_comparison(settings, args.out, jobs=args.jobs, progress=not args.no_progress, command=command)
+    for label, record in results["entries"].items():
+        print(f"{label:18s} SWD {record['quality']['swd']['value']:7.1f}  "
+              f"{record['sampling']['train_size']['cpu_seconds_per_image']['value']:.2f} CPU s/image  "
+              f"seam {record['seams']['at_grid']['value']:.3f} on the grid, {record['seams']['worst']['value']:.3f} worst")
+    for claim in results["claims"]:
+        print(f"claim ({claim['method']}): {claim['claim']} -> {claim['verdict']}")
+    print(f"report: {Path(args.out) / 'report.html'}")
+    return 0
+
+
+def add_compare_parser(sub) -> None:
+    from patchdiffusion.registry import method_names
+
+    names = method_names()
+    p = sub.add_parser(
+        "compare", help="train and evaluate several methods on the same data, budget and metrics; one report",
+        description="Train several methods on the same data and resolution with the same CPU budget, evaluate\n"
+                    "them with the same metrics (SWD; FID/KID/PR with an Inception file; sampling time and memory;\n"
+                    "seams of a large canvas) and write results.json, report.md and report.html.",
+        epilog=EPILOG_COMPARE.replace("{methods}", ",".join(names)).replace("{first}", names[0]),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", required=True, help="comma-separated method names and/or run directories")
+    p.add_argument("--data", default="builtin:textures", help="training data (default builtin:textures)")
+    p.add_argument("--resolution", type=size_arg, default="32", help="training size N or WxH (default 32)")
+    p.add_argument("--cpu-minutes", type=number_arg(float, above=0, maximum=1e6), default=10.0,
+                   help="training budget per method: CPU minutes inside training steps (default 10)")
+    p.add_argument("--out", required=True, help="output folder (the same folder resumes a comparison)")
+    p.add_argument("--large-size", type=size_arg, default=None,
+                   help="canvas for large-image time, memory and seams, WxH (default 4× the training size)")
+    p.add_argument("--held-out", default=None,
+                   help="real images to evaluate against (default: a built-in set drawn with the next seed; "
+                        "other data sets need this, or the training images are used and the report says so)")
+    p.add_argument("--inception", default=None, help="Inception-v3 weights file: adds FID, KID, precision/recall")
+    p.add_argument("--jobs", type=number_arg(int, minimum=1, maximum=256), default=1,
+                   help="methods trained at once, one process and one thread each (default 1)")
+    p.add_argument("--images", type=number_arg(int, minimum=2, maximum=1e6), default=256,
+                   help="samples (and real images) of the final evaluation (default 256)")
+    p.add_argument("--curve-images", type=number_arg(int, minimum=2, maximum=1e6), default=64,
+                   help="samples per point of the quality-vs-CPU-time curve (default 64)")
+    p.add_argument("--curve-points", type=number_arg(int, minimum=1, maximum=1000), default=4,
+                   help="training segments of equal CPU time, an SWD point after each (default 4)")
+    p.add_argument("--memory-batch", type=number_arg(int, minimum=1, maximum=1e6), default=16,
+                   help="images sampled at once for the memory figure at the training size (default 16)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_compare)
+
+
 # ------------------------------------------------------------------------------------------------
 # methods' own tools
 
@@ -469,6 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_parser(sub)
     add_bench_parser(sub)
     add_demo_parser(sub)
+    add_compare_parser(sub)
     add_method_commands(sub)
     return parser
 

@@ -10,7 +10,6 @@ to rebuild the model there. Values come from dataclass defaults, then a YAML fil
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import types
 import typing
@@ -20,7 +19,7 @@ from typing import Any, ClassVar, Union
 
 import yaml
 
-from patchdiffusion.errors import ConfigError
+from patchdiffusion.errors import ConfigError, did_you_mean
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,7 +106,8 @@ class TrainConfig:
     batch_size: int = 32                 # global batch, summed over all processes
     steps: int = 2000                    # optimizer steps in total
     max_minutes: float = 0.0             # stop early after this much wall time (0 = no limit); a checkpoint is written
-    max_cpu_minutes: float = 0.0         # stop after this much CPU time spent in training steps (0 = no limit);
+    max_cpu_minutes: float = 0.0         # stop after this much CPU time spent in training steps (0 = no limit),
+                                         # counted over the whole run like steps (a resume continues the count);
                                          # unlike wall time it ignores other load, so benchmarks budget with it
     lr: float = 2e-4                     # peak learning rate (AdamW)
     weight_decay: float = 0.0
@@ -274,8 +274,7 @@ def from_dict(cls: type, values: dict, where: str = "") -> Any:
     unknown = [k for k in values if k not in names]
     if unknown:
         key = unknown[0]
-        close = difflib.get_close_matches(key, names, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(names)})"
+        hint = did_you_mean(key, names) or f" (known: {', '.join(names)})"
         raise ConfigError(f"unknown config key '{where + '.' if where else ''}{key}'{hint}")
     kwargs = {}
     for name, value in values.items():
@@ -374,8 +373,7 @@ def apply_overrides(config: RunConfig, overrides: list[str] | dict[str, Any]) ->
             if len(matches) > 1:
                 raise ConfigError(f"config key '{key}' is ambiguous: write one of {', '.join(matches)}")
             if not matches:
-                close = difflib.get_close_matches(key, paths + [p.rsplit('.', 1)[-1] for p in paths], n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                hint = did_you_mean(key, paths + [p.rsplit('.', 1)[-1] for p in paths])
                 raise ConfigError(f"unknown config key '{key}'{hint}")
             full = matches[0]
         node = values

@@ -18,3 +18,11 @@ class ConfigError(UserError):
 
 class TrainingDiverged(RuntimeError):
     """The training loss became NaN or infinite (the run stops; its last checkpoint is intact)."""
+
+
+def did_you_mean(name: str, known) -> str:
+    """" (did you mean 'x'?)" for the known name closest to a misspelt `name`, or "" when none is close."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""

@@ -567,8 +567,9 @@ class LoadedRun:
     checkpoint: Checkpoint
 
 
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu", use_ema: bool = True) -> LoadedRun:
-    """Rebuild a run's model from its directory alone (config.yaml + latest checkpoint)."""
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu", use_ema: bool | None = True) -> LoadedRun:
+    """Rebuild a run's model from its directory alone (config.yaml + the newest checkpoint that verifies);
+    use_ema None = the run's own `sample.use_ema`."""
     from patchdiffusion.config import load_config
     from patchdiffusion.registry import method_class
 
@@ -584,5 +585,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", use_ema: b
     method = method_class(config.method)(config.model, config.data.resolution)
     method.attach_run(run_dir)
     net = method.build_network()
+    if use_ema is None:
+        use_ema = config.sample.use_ema
     load_into(net, load_weights(checkpoint, "ema" if use_ema else "net"), str(checkpoint.path))
     return LoadedRun(config, method, net.to(device).eval(), checkpoint)

@@ -8,14 +8,14 @@ for files. Image i depends only on its seed, whatever the batch size.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from patchdiffusion.config import RunConfig
-from patchdiffusion.errors import ConfigError
+from patchdiffusion.diffusion.tiled import TilingConfig
+from patchdiffusion.errors import ConfigError, did_you_mean
 from patchdiffusion.images import save_grid, save_png, to_uint8
 from patchdiffusion.methods.base import check_sampler_options, sampler_option_names
 from patchdiffusion.rng import SampleRNG, mix_seed
@@ -42,11 +42,10 @@ def split_options(method, sampler: str, values: dict) -> tuple[dict, dict]:
         elif key in method_names:
             for_method[key] = value
         else:
-            close = difflib.get_close_matches(key, sampler_names + method_names, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(
-                f"unknown sampling option '{key}'{hint}: sampler '{sampler}' takes {', '.join(sampler_names) or 'none'}"
-                f"; method '{method.name}' takes {', '.join(method_names) or 'none'}"
+                f"unknown sampling option '{key}'{did_you_mean(key, sampler_names + method_names)}: sampler "
+                f"'{sampler}' takes {', '.join(sampler_names) or 'none'}; method '{method.name}' takes "
+                f"{', '.join(method_names) or 'none'}"
             )
     return for_sampler, for_method
 
@@ -116,11 +115,6 @@ def generate_images(
         raise ConfigError("--batch must be at least 1")
     device = resolve_device(device)
     if loaded is None:
-        if use_ema is None:
-            from patchdiffusion.config import load_config
-
-            config_path = Path(run_dir) / "config.yaml"
-            use_ema = load_config(config_path).sample.use_ema if config_path.is_file() else True
         loaded = load_run(run_dir, device, use_ema)
     method, config = loaded.method, loaded.config
     chosen_sampler = sampler or config.sample.sampler or method.default_sampler
@@ -147,4 +141,140 @@ def generate_images(
             if len(tiles) < 64:
                 tiles.append(image)
     save_grid(np.stack(tiles), out_dir / GRID_NAME)
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------
+# any size: canvases made of tiles, out of core, streamed to disk, resumable
+
+IMAGE_FORMATS = ("png", "tiff")
+
+
+def tiling_config(method, tile=None, overlap=None, window=None, grid=None, wrap=None, tile_batch=None,
+                  seed: int = 0) -> TilingConfig:
+    """The method's default tiling with the caller's choices on top (None = the method's). `tile` (N, "WxH"
+    or (h, w)) and `overlap` (N or (h, w)) are in image pixels; a latent method tiles its latent canvas,
+    so they are divided by its VAE's factor."""
+    from patchdiffusion.config import parse_size
+
+    base = method.default_tiling()
+    factor = method.resolution[0] // method.native_tile[0]
+    changes = {"seed": seed}
+    if tile is not None:
+        h, w = parse_size(tile)
+        if h % factor or w % factor:
+            raise ConfigError(f"tile {w}x{h} is not divisible by the VAE's factor {factor}")
+        changes["tile"] = (h // factor, w // factor)
+    if overlap is not None:
+        h, w = (overlap, overlap) if isinstance(overlap, int) else tuple(overlap)
+        changes["overlap"] = (h // factor, w // factor)
+    for name, value in (("window", window), ("grid", grid), ("wrap", wrap), ("batch", tile_batch)):
+        if value is not None:
+            changes[name] = value
+    return dataclasses.replace(base, **changes)
+
+
+def _digest(value) -> str:
+    """A short fingerprint of a conditioning value (a tensor's bytes, else its repr)."""
+    import hashlib
+
+    if isinstance(value, torch.Tensor):
+        return hashlib.sha256(value.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+    return repr(value)
+
+
+def _job_key(loaded: LoadedRun, parts: dict) -> str:
+    """What a canvas depends on besides the sampler's parameters: the weights and the method's settings."""
+    import hashlib
+    import json
+
+    from patchdiffusion.config import to_dict
+
+    manifest = loaded.checkpoint.path / "manifest.json"
+    weights = manifest.read_bytes() if manifest.is_file() else str(loaded.checkpoint.path).encode()
+    blob = json.dumps({"model": to_dict(loaded.config.model), **parts}, sort_keys=True, default=str).encode()
+    return hashlib.sha256(weights + blob).hexdigest()
+
+
+def generate_canvases(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    num: int = 1,
+    seed: int = 0,
+    height: int | None = None,
+    width: int | None = None,
+    sampler: str | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    class_label: int | None = None,
+    tiling: TilingConfig | None = None,
+    storage: str = "auto",
+    image_format: str = "png",
+    checkpoint_every: int = 1,
+    device: str = "auto",
+    use_ema: bool | None = None,
+    progress: bool = True,
+    log=print,
+    loaded: LoadedRun | None = None,
+    **options,
+) -> list[Path]:
+    """Write `num` canvases of width × height (canvas i from seed + i) made of tiles of the model's size,
+    with the canvas in memory or on disk (`storage`: auto | memory | disk) and the image streamed out
+    (`image_format`: png, or tiff for a tiled BigTIFF). Each canvas is a resumable job: killed and run
+    again with the same arguments, it continues from its last checkpoint (every `checkpoint_every`
+    steps) and gives the same image bit for bit. `tiling`: the method's default tiling when None."""
+    from patchdiffusion.canvas import sample_canvas, tiled_decode, write_png, write_png_strips
+    from patchdiffusion.canvas import write_tiff, write_tiff_strips
+
+    if num < 1:
+        raise ConfigError("--num must be at least 1")
+    if image_format not in IMAGE_FORMATS:
+        raise ConfigError(f"image format must be one of {', '.join(IMAGE_FORMATS)}, got {image_format!r}")
+    device = resolve_device(device)
+    if loaded is None:
+        loaded = load_run(run_dir, device, use_ema)
+    method, config, net = loaded.method, loaded.config, loaded.net
+    height, width = height or config.data.resolution[0], width or config.data.resolution[1]
+    sampler = sampler or config.sample.sampler or method.default_sampler
+    sampler_options, method_options = split_options(method, sampler, options)
+    method_options = method.make_options(method_options)
+    tiling = tiling or tiling_config(method)
+    method.check_tiling(height, width, tiling, net, method_options)  # one line before any work
+    steps = steps or config.sample.num_steps or method.default_steps
+    guidance = config.sample.guidance if guidance is None else guidance
+    from_run = {name: getattr(config.sample, name) for name in sampler_option_names(sampler)
+                if hasattr(config.sample, name)}
+    run_options = {**from_run, **method.sampler_defaults(sampler), **sampler_options}
+    sigmas = method.sampling_sigmas(steps)
+    shape = (1, *method.canvas_shape(height, width))
+    factor = height // shape[2]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log(f"sampling {num} canvas{'es' if num != 1 else ''} of {width}x{height} ({steps} {sampler} steps, guidance "
+        f"{guidance}, tiles {tiling.tile or method.native_tile} window {tiling.window} grid {tiling.grid}"
+        f"{' wrapped' if tiling.wrap else ''}, canvas storage {storage}) into {out_dir}")
+    paths = []
+    for i in range(num):
+        image_seed = seed + i
+        rng = image_rng([image_seed], device)
+        labels = None if class_label is None else torch.full((1,), int(class_label), dtype=torch.long)
+        cond = method.sampling_condition(net, rng, labels, method_options)
+        denoiser = method.tiled_denoiser(net, method_options, guidance, tiling, device=device)
+        path = out_dir / f"{image_seed:06d}.{image_format}"
+
+        def save(x, path=path):
+            if factor > 1:  # a latent canvas: decoded tile by tile, blended, streamed
+                strips = tiled_decode(method.decode, x, factor, denoiser.tile, denoiser.overlap, device=device)
+                writer = write_png_strips if image_format == "png" else write_tiff_strips
+                writer(path, strips, height, width)
+            else:  # to_uint8's rounding clamps to [-1, 1], as the method's decode would
+                (write_png if image_format == "png" else write_tiff)(path, x)
+
+        job_key = _job_key(loaded, {"options": repr(method_options), "cond": {k: _digest(v) for k, v in cond.items()},
+                                    "guidance": guidance, "format": image_format, "size": [height, width]})
+        sample_canvas(sampler, denoiser, shape, sigmas, seeds=mix_seed(SAMPLE_STREAM, image_seed), extra_args=cond,
+                      options=run_options, storage=storage, folder=out_dir, job=out_dir / f".job-{image_seed:06d}",
+                      checkpoint_every=checkpoint_every, job_key=job_key, save=save, output_folder=out_dir,
+                      progress=progress, log=log)
+        paths.append(path)
     return paths

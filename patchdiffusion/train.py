@@ -322,6 +322,9 @@ class Trainer:
         self.step_images = self.cfg.batch_size * self.method.average_multiplier
         self.step, self.images_seen, self.data_position = 0, 0, 0
         self.compile_choice: CompileChoice | None = None  # decided at the first step (auto) or restored
+        # CPU time inside training steps (not checkpoints, samples, metrics), summed over resumes, so that
+        # max_cpu_minutes, like steps, budgets the whole run.
+        self.step_cpu_seconds = 0.0
         if self.dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, run_dir / "config.yaml")
@@ -338,7 +341,6 @@ class Trainer:
         self.last_loss, self.stopped_early = float("nan"), False
         self.pending_losses: list[torch.Tensor] = []  # this step's and earlier losses, not yet checked
         self.grad_norm: torch.Tensor | None = None
-        self.step_cpu_seconds = 0.0  # CPU time inside training steps (not checkpoints, samples, metrics)
         self.compile_watch = {"shapes": set(), "seconds": 0.0, "eager_s": 0.0, "steps": [], "ops": 0}
         self.between_steps = None  # called with the trainer after each step (benchmarks time the loop with it)
 
@@ -364,6 +366,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.images_seen = int(state["step"]), int(state["images_seen"])
         self.data_position = int(state.get("data_position", self.step * self.cfg.batch_size))
+        self.step_cpu_seconds = float(state.get("cpu_seconds", 0.0))  # absent in checkpoints of older versions
         torch.set_rng_state(state["torch_rng"])
         if self.device.type == "cuda" and "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
@@ -716,7 +719,7 @@ class Trainer:
             state = {
                 "optimizer": self.optimizer.state_dict(), "step": self.step, "images_seen": self.images_seen,
                 "data_position": self.data_position, "torch_rng": torch.get_rng_state(),
-                "precision": self.precision,
+                "precision": self.precision, "cpu_seconds": self.step_cpu_seconds,
             }
             if self.compile_choice is not None:
                 state["compile"] = bool(self.compile_choice)

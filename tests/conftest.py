@@ -5,6 +5,15 @@ import torch
 
 
 @pytest.fixture
+def one_thread():
+    """Many small ops: one thread is fastest on a busy machine, and keeps conv results reproducible."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny_vae(tmp_path):
     """A tiny randomly initialised diffusers AutoencoderKL (factor 2, 4 latent channels), saved to a folder."""
     diffusers = pytest.importorskip("diffusers")

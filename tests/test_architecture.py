@@ -16,7 +16,7 @@ from patchdiffusion.registry import method_names
 from patchdiffusion.rng import SampleRNG
 
 PACKAGE = Path(patchdiffusion.__file__).parent
-GENERIC = ["cli.py", "train.py", "sample.py", "presets.py", "eval"]
+GENERIC = ["cli.py", "train.py", "sample.py", "presets.py", "eval", "compare.py"]
 
 
 def python_files(*names: str) -> list[Path]:
@@ -28,7 +28,7 @@ def python_files(*names: str) -> list[Path]:
 
 
 def test_generic_modules_name_no_method():
-    """cli.py, train.py, sample.py, presets.py and eval/ know no method by name."""
+    """cli.py, train.py, sample.py, presets.py, eval/ and compare.py know no method by name."""
     patterns = {}
     for name in method_names():
         # "full" is an English word: only its use as a name (a quoted string) counts.
@@ -215,7 +215,7 @@ def test_misspelt_sampler_option_is_one_line_in_the_api_and_cli(tiny_run, tmp_pa
     with pytest.raises(ConfigError, match=r"unknown sampling option 'S_churm' \(did you mean 'S_churn'\?\)"):
         generate_images(tiny_run, tmp_path / "a", num=1, steps=2, progress=False, S_churm=5)
     for argv, expected in [
-        (["--S_churm", "5"], "unknown argument '--S_churm' (did you mean --S_churn?)"),
+        (["--S_churm", "5"], "unknown argument '--S_churm' (did you mean '--S_churn'?)"),
         (["--eta", "0.5"], "unknown sampling option 'eta': sampler 'heun' takes S_churn, S_min, S_max, S_noise"),
         (["--code-from", "1"], "unknown sampling option 'code_from': sampler 'heun' takes"),
     ]:
@@ -223,3 +223,23 @@ def test_misspelt_sampler_option_is_one_line_in_the_api_and_cli(tiny_run, tmp_pa
                      "--no-progress", *argv])
         err = capsys.readouterr().err
         assert code == 2 and expected in err and err.count("\n") == 1, err
+
+
+def test_sample_use_ema_is_read(tmp_path):
+    """SampleConfig.use_ema decides which weights sampling loads unless the caller says."""
+    from conftest import tiny_config
+    from patchdiffusion.config import apply_overrides, load_config, save_config
+    from patchdiffusion.run import latest_checkpoint, load_run, load_weights
+    from patchdiffusion.train import train
+
+    run = tmp_path / "run"
+    config = tiny_config("full", 16, "data.source=builtin:textures?count=4", "train.steps=2", "train.batch_size=2",
+                         "train.sample_images=0", "train.device=cpu", "train.ema_rampup=0", "train.warmup_steps=0")
+    train(config, run, progress=False, log=lambda *a: None)  # no ramp-up: after 2 steps the EMA is not the net
+    checkpoint = latest_checkpoint(run)
+    ema, raw = load_weights(checkpoint, "ema"), load_weights(checkpoint, "net")
+    assert any(not torch.equal(ema[k], raw[k]) for k in ema)
+    for use_ema, expected in ((True, ema), (False, raw)):
+        save_config(apply_overrides(load_config(run / "config.yaml"), [f"sample.use_ema={use_ema}"]), run / "config.yaml")
+        loaded = load_run(run, use_ema=None)
+        assert all(torch.equal(v, expected[k]) for k, v in loaded.net.state_dict().items())

@@ -18,6 +18,7 @@ COMMANDS = {
     ("eval", "ref"): ["--data", MISSING, "--dest", MISSING + ".npz", "--no-progress"],
     ("data", "convert"): ["--source", MISSING, "--dest", MISSING + "-out"],
     ("demo",): ["--data", MISSING, "--no-progress"],
+    ("compare",): ["--methods", "full", "--data", MISSING, "--out", "compare-out", "--no-progress"],
 }
 BAD = ["-1", "nan", "inf", "-inf", "1e30", "abc", ""]
 

@@ -51,13 +51,7 @@ SHAPE = (8, 1, 64, 64)  # 32768 elements: the sample std of stochastic runs is w
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tests are many small elementwise ops: one thread is fastest, and robust to busy CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def gaussian_denoiser(x, sigma, **cond):

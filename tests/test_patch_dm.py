@@ -265,13 +265,19 @@ def test_cli_train_codes_and_sample(tmp_path, capsys):
                  "--no-progress"]) == 0
     assert Image.open(out / "000000.png").size == (64, 32)
     assert main(["sample", "--run", str(run), "--size", "48x32", "--num", "1", "--steps", "2", "--out",
-                 str(tmp_path / "reuse"), "--code-from", "3", "--no-progress"]) == 0
+                 str(tmp_path / "reuse"), "--code-from", "3", "--canvas", "disk", "--no-progress"]) == 0
     assert Image.open(tmp_path / "reuse" / "000000.png").size == (48, 32)
+    assert "sampling 1 canvas of 48x32 (2 ddim steps" in capsys.readouterr().out  # count and size announced
     assert main(["sample", "--run", str(run), "--size", "64x64", "--num", "1", "--steps", "3", "--out",
-                 str(tmp_path / "moved"), "--grid-shift", "random", "--positions", "none", "--no-progress"]) == 0
+                 str(tmp_path / "moved"), "--grid", "random", "--positions", "none", "--no-progress"]) == 0
     assert Image.open(tmp_path / "moved" / "000000.png").size == (64, 64)
-    assert main(["sample", "--run", str(run), "--size", "40x32", "--num", "1", "--out", str(out),
-                 "--no-progress"]) == 2  # not a multiple of the patch size: a clear error
+    assert main(["sample", "--run", str(run), "--size", "40x36", "--num", "1", "--steps", "2", "--out",
+                 str(tmp_path / "odd"), "--no-progress"]) == 0  # tiles need not divide the canvas
+    assert Image.open(tmp_path / "odd" / "000000.png").size == (40, 36)
+    capsys.readouterr()
+    assert main(["sample", "--run", str(run), "--size", "24x32", "--num", "1", "--out", str(out),
+                 "--no-progress"]) == 2  # narrower than one tile: a clear error
+    assert "smaller than the model's 32x32 tile" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v", "x0"])

@@ -25,13 +25,7 @@ from patchdiffusion.diffusion.tiled import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small ops: one thread is fastest on a busy machine, and keeps conv results reproducible."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 class ConvTiles:

@@ -50,6 +50,8 @@ class ClassifierFreeGuidance(nn.Module):
                 both[key] = torch.cat([value, self._null(key, value)])
             elif isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == B:
                 both[key] = torch.cat([value, value])
+            elif isinstance(value, list) and len(value) == B:  # one entry per example (a tiled model's boxes)
+                both[key] = value + value
             else:
                 both[key] = value
         sigma = torch.as_tensor(sigma, device=x.device)

@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Protocol, Sequence
 
 import torch
 
+from patchdiffusion.errors import ConfigError
 from patchdiffusion.rng import mix_seed
 
 __all__ = [
@@ -64,7 +65,7 @@ GROUP = 256  # tiles are visited in square groups of about this many pixels: out
 _GRID_STREAM = 0x6772  # mix_seed stream of the random grid offsets
 
 
-class TilingError(ValueError):
+class TilingError(ConfigError):
     """A tile, overlap, window or canvas size that cannot work (one line for the user)."""
 
 

@@ -44,7 +44,7 @@ from .kid import KIDResult, kernel_inception_distance, mmd2_unbiased
 from .monitor import SWDMonitor
 from .precision_recall import PrecisionRecall, precision_recall
 from .reference import ReferenceFile, load_reference, save_reference
-from .seam import SeamScore, seam_score
+from .seam import SeamProfile, SeamScore, seam_profile, seam_score
 from .swd import SWDResult, sliced_wasserstein_distance
 
 __all__ = [
@@ -90,5 +90,7 @@ __all__ = [
     "precision_recall",
     "save_reference",
     "seam_score",
+    "seam_profile",
+    "SeamProfile",
     "sliced_wasserstein_distance",
 ]

@@ -99,3 +99,32 @@ def seam_score(images: torch.Tensor, tile: int | tuple[int, int], offset: tuple[
     accumulator = SeamAccumulator(tile, offset)
     accumulator.add(images)
     return accumulator.result()
+
+
+@dataclass(frozen=True)
+class SeamProfile:
+    """Seam scores of tiled images at one tile period, on the grid's own lines and at every offset."""
+
+    period: tuple[int, int]  # (th, tw): the tile stride the images were made with
+    at_grid: float  # score on the lines of an unmoved grid (offset 0)
+    worst: float  # the largest score over all offsets of the period
+    worst_offset: tuple[int, int]
+    mean: float  # the mean over the offsets
+
+    def as_dict(self) -> dict:
+        return {"period": list(self.period), "at_grid": self.at_grid, "worst": self.worst,
+                "worst_offset": list(self.worst_offset), "mean": self.mean}
+
+
+def seam_profile(images: torch.Tensor, period: int | tuple[int, int], step: int = 1) -> SeamProfile:
+    """Seam scores of (N, C, H, W) images (uint8 or 0..255) at tile period `period` for every offset
+    (every `step` pixels): a fixed tile grid leaves its seams at offset 0; a grid that moves each
+    sampling step has no lines of its own, so the worst offset is the fair figure to compare; natural
+    images give about 1 at every offset."""
+    period = (period, period) if isinstance(period, int) else tuple(period)
+    scores = {}
+    for dy in range(0, period[0], step):
+        for dx in range(0, period[1], step):
+            scores[(dy, dx)] = seam_score(images, period, offset=(dy, dx)).score
+    worst = max(scores, key=scores.get)
+    return SeamProfile(period, scores[(0, 0)], scores[worst], worst, sum(scores.values()) / len(scores))

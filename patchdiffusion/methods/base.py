@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import difflib
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,8 @@ from torch import nn
 
 from patchdiffusion.diffusion.samplers import get_sampler
 from patchdiffusion.diffusion.schedules import schedule_from_name
-from patchdiffusion.errors import ConfigError
+from patchdiffusion.diffusion.tiled import TiledDenoiser, TilingConfig, TilingError, check_tiling
+from patchdiffusion.errors import ConfigError, did_you_mean
 from patchdiffusion.rng import SampleRNG
 
 Denoiser = Callable[..., Any]
@@ -58,6 +58,37 @@ def clipped(denoiser: Denoiser) -> Denoiser:
     return clipped_denoiser
 
 
+class ImageTiles:
+    """A whole-image denoiser used on tiles of the training size: to the model each tile is an image,
+    and it is conditioned as one (the baseline, Luhman's patching, Arakawa's grid with its own global
+    content and positions inside the tile, DiMR's class). The tile model of most methods."""
+
+    def __init__(self, denoiser: Denoiser, tile: tuple[int, int], halo: int = 0):
+        self.denoiser, self.tile, self.halo = denoiser, tuple(tile), halo
+
+    def __call__(self, x, sigma, boxes, **cond):
+        return self.denoiser(x, sigma, **cond)
+
+
+class GuidedTiles:
+    """A tile model with the method's classifier-free guidance and x0 clipping around it (per tile, so the
+    conditional and the null branch of a tile run in one call)."""
+
+    def __init__(self, model, method: "Method", guidance: float):
+        self.model, self.tile, self.halo = model, model.tile, getattr(model, "halo", 0)
+
+        def with_boxes(x, sigma, boxes=None, **cond):
+            return model(x, sigma, boxes, **cond)
+
+        denoiser = with_boxes if guidance == 1.0 else method.guided(with_boxes, guidance)
+        self.denoiser = clipped(denoiser) if method.clip_denoised else denoiser
+        if hasattr(model, "check_tile"):
+            self.check_tile = model.check_tile
+
+    def __call__(self, x, sigma, boxes, **cond):
+        return self.denoiser(x, sigma, boxes=boxes, **cond)
+
+
 def sampler_option_names(sampler: str) -> list[str]:
     """The options a sampler accepts beyond the common plumbing (e.g. heun: S_churn, S_min, S_max, S_noise)."""
     parameters = inspect.signature(get_sampler(sampler)).parameters
@@ -69,10 +100,9 @@ def check_sampler_options(sampler: str, options: dict) -> None:
     accepted = sampler_option_names(sampler)
     for key in options:
         if key not in accepted:
-            close = difflib.get_close_matches(key, accepted, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
             known = ", ".join(accepted) if accepted else "none"
-            raise ConfigError(f"sampler '{sampler}' has no option '{key}'{hint}; its options: {known}")
+            raise ConfigError(f"sampler '{sampler}' has no option '{key}'{did_you_mean(key, accepted)}; "
+                              f"its options: {known}")
 
 
 @dataclass(frozen=True)
@@ -100,6 +130,57 @@ class TrainBatch:
     plan: StepPlan  # the step's plan (the method's own StepPlan subclass)
 
 
+# Parameters and FLOPs of the comparison networks of `patchdiff compare` agree within this factor (what a
+# method declares in `comparison_unmatched` excepted).
+COMPARISON_TOLERANCE = 1.5
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A seed paper's headline claim and what a `patchdiff compare` run says about it."""
+
+    method: str  # whose claim
+    claim: str  # the claim, one sentence
+    test: str  # how the comparison's figures test it at its scale
+    verdict: str  # holds | partly | does not hold | not testable
+    evidence: str  # the figures, with their units
+
+
+def comparison_record(records: dict[str, dict], method: str) -> dict | None:
+    """The first record of `method` among a comparison's records (a claim's baseline, say), or None."""
+    return next((r for r in records.values() if r.get("method") == method), None)
+
+
+def record_value(record: dict, path: str):
+    """A figure's value in a comparison record by dotted path ("quality.swd"); None when absent."""
+    node = record
+    for key in path.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node.get("value") if isinstance(node, dict) else node
+
+
+def ratio(a, b) -> float | None:
+    return None if a is None or b in (None, 0) else a / b
+
+
+def time_to_reach(curve: list[dict], target: float) -> float | None:
+    """Training CPU seconds at which an SWD curve [{cpu_seconds, swd}] first reaches `target` (linear between
+    points; the first point's time when it is already there); None when it never does."""
+    previous = None
+    for point in curve:
+        if point["cpu_seconds"] is None:
+            continue
+        if point["swd"] <= target:
+            if previous is None:
+                return point["cpu_seconds"]
+            (t0, v0), (t1, v1) = previous, (point["cpu_seconds"], point["swd"])
+            return t0 + (v0 - target) / (v0 - v1) * (t1 - t0) if v0 != v1 else t1
+        previous = (point["cpu_seconds"], point["swd"])
+    return None
+
+
 @dataclass(frozen=True)
 class Command:
     """A method's own command-line tool, `patchdiff NAME ...` (e.g. Patch-DM's train-codes).
@@ -125,6 +206,9 @@ class Method(abc.ABC):
     architectures: ClassVar[tuple[str, ...]] = ()
     config_suffixes: ClassVar[tuple[str, ...]] = ()  # foreign config files this method reads (`read_config_file`)
     commands: ClassVar[tuple[Command, ...]] = ()
+    # `patchdiff compare`: figures of the comparison network deliberately not matched to the other methods'
+    # ("params" or "flops" -> why), e.g. a method whose claim is fewer FLOPs at equal parameters
+    comparison_unmatched: ClassVar[dict[str, str]] = {}
 
     def __init__(self, config: Any, resolution: tuple[int, int], image_channels: int = 3):
         self.config = config
@@ -186,13 +270,69 @@ class Method(abc.ABC):
                           f"(methods that have them: {', '.join(others) or 'none'})")
 
     @classmethod
+    def comparison_overrides(cls, resolution: tuple[int, int]) -> list[str]:
+        """key=value overrides (model.* and sample.*) of this method's entry in `patchdiff compare` at
+        `resolution` (h, w): a CPU-sized network matched to the baseline U-Net of `full` (about 1.2M
+        parameters and 250M multiply-adds per 32² image; `COMPARISON_TOLERANCE`), with the method's own recipe.
+        Training settings (batch, learning rate, EMA, budget) are the comparison's, the same for all."""
+        raise ConfigError(f"method '{cls.name}' has no network for `patchdiff compare` "
+                          "(Method.comparison_overrides); give a run directory of it instead")
+
+    @classmethod
+    def comparison_claims(cls, records: dict[str, dict]) -> list["Claim"]:
+        """The method's seed's headline claims, judged from a comparison's records (label -> record, the
+        fields documented in `patchdiffusion/compare.py`); [] when the method makes none that can be tested."""
+        return []
+
+    @classmethod
     def read_config_file(cls, path: Path) -> tuple[Any, Path | None]:
         """A RunConfig (and the run directory it names, if any) from a foreign config file."""
         raise ConfigError(f"method '{cls.name}' reads no '{path.suffix}' config files")
 
     # -- shared ------------------------------------------------------------------------------
     def check_canvas(self, height: int, width: int) -> None:
-        """Raise ConfigError when the method cannot sample a canvas of this size."""
+        """Raise ConfigError when the method cannot sample a canvas of this size in one piece."""
+
+    def check_tiled_canvas(self, height: int, width: int) -> None:
+        """Raise ConfigError when the method cannot sample an image of this size from tiles (a latent
+        method needs sides divisible by its VAE's factor)."""
+
+    # -- any size: tiles --------------------------------------------------------------------------
+    @property
+    def native_tile(self) -> tuple[int, int]:
+        """(h, w) of a tile in canvas units: what the network was trained on (the latent of it for a
+        latent method)."""
+        return tuple(self.canvas_shape(*self.resolution)[1:])
+
+    def tile_model(self, net: nn.Module, options: Any = None):
+        """How a tile of a larger canvas is denoised and conditioned (`diffusion/tiled.py: TileModel`).
+        Default: the method's denoiser on each tile, as on an image of the training size."""
+        return ImageTiles(self.denoiser(net, options), self.native_tile)
+
+    def default_tiling(self) -> TilingConfig:
+        """The tiling this method samples large canvases with unless told otherwise (see docs/any_size.md
+        for the measurements behind each method's choice)."""
+        return TilingConfig(window="cosine", grid="random")
+
+    def tiled_denoiser(self, net: nn.Module, options: Any = None, guidance: float = 1.0,
+                       tiling: TilingConfig | None = None, device=None, on_tiles=None) -> TiledDenoiser:
+        """A denoiser over whole canvases of any size made of tile calls, guidance and clipping per tile."""
+        model = GuidedTiles(self.tile_model(net, options), self, guidance)
+        try:
+            return TiledDenoiser(model, tiling or self.default_tiling(), device=device, on_tiles=on_tiles)
+        except TilingError as e:
+            raise ConfigError(str(e)) from None
+
+    def check_tiling(self, height: int, width: int, tiling: TilingConfig | None, net: nn.Module | None = None,
+                     options: Any = None) -> None:
+        """One clear line, before any work, when an H×W image cannot be made from tiles this way."""
+        self.check_tiled_canvas(height, width)
+        model = self.tile_model(net, options) if net is not None else ImageTiles(None, self.native_tile)
+        canvas = tuple(self.canvas_shape(height, width)[1:])
+        try:
+            check_tiling(canvas, tiling or self.default_tiling(), model)
+        except TilingError as e:
+            raise ConfigError(str(e)) from None
 
     @classmethod
     def make_options(cls, values: dict | None = None) -> Any:
@@ -201,10 +341,9 @@ class Method(abc.ABC):
         names = [f.name for f in dataclasses.fields(cls.SampleOptions)]
         for key in values:
             if key not in names:
-                close = difflib.get_close_matches(key, names, n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
                 known = ", ".join(names) if names else "none"
-                raise ConfigError(f"method '{cls.name}' has no sampling option '{key}'{hint}; its options: {known}")
+                raise ConfigError(f"method '{cls.name}' has no sampling option '{key}'{did_you_mean(key, names)}; "
+                                  f"its options: {known}")
         return cls.SampleOptions(**values)
 
     def sample(
@@ -220,27 +359,34 @@ class Method(abc.ABC):
         guidance: float = 1.0,
         sampler_options: dict | None = None,
         options: Any = None,
+        tiling: TilingConfig | None = None,
         progress: bool = False,
         callback: Callable[[dict], None] | None = None,
     ) -> torch.Tensor:
         """Draw len(rng) images (B, C, H, W) in [-1, 1]; image i depends only on rng's seed i.
 
         sampler_options: options of the sampler (e.g. S_churn for heun); one it does not take is an
-        error. options: the method's SampleOptions (or a mapping of them)."""
+        error. options: the method's SampleOptions (or a mapping of them). tiling: sample the canvas
+        from tiles of the model's size (diffusion/tiled.py), in memory; `sample.generate_canvas` is the
+        out-of-core path for canvases that do not fit."""
         height = height or self.resolution[0]
         width = width or self.resolution[1]
-        self.check_canvas(height, width)
         sampler = sampler or self.default_sampler
         sampler_fn = get_sampler(sampler)
         check_sampler_options(sampler, sampler_options or {})
         options = options if isinstance(options, self.SampleOptions) else self.make_options(options)
         sigmas = self.sampling_sigmas(steps or self.default_steps).to(rng.device)
         cond = self.sampling_condition(net, rng, labels, options)
-        denoiser = self.denoiser(net, options)
-        if guidance != 1.0:
-            denoiser = self.guided(denoiser, guidance)
-        if self.clip_denoised:
-            denoiser = clipped(denoiser)
+        if tiling is not None:
+            self.check_tiling(height, width, tiling, net, options)
+            denoiser = self.tiled_denoiser(net, options, guidance, tiling)
+        else:
+            self.check_canvas(height, width)
+            denoiser = self.denoiser(net, options)
+            if guidance != 1.0:
+                denoiser = self.guided(denoiser, guidance)
+            if self.clip_denoised:
+                denoiser = clipped(denoiser)
         x = rng.randn(*self.canvas_shape(height, width)) * sigmas[0]
         with torch.no_grad():
             out = sampler_fn(

@@ -35,7 +35,8 @@ from patchdiffusion.config import Range, to_dict
 from patchdiffusion.diffusion import parameterization
 from patchdiffusion.diffusion.precond import DiscretePrecond
 from patchdiffusion.errors import ConfigError
-from patchdiffusion.methods.base import Method, TrainBatch, discrete_schedule
+from patchdiffusion.methods.base import (COMPARISON_TOLERANCE, Claim, Method, TrainBatch, comparison_record,
+                                         discrete_schedule, ratio, record_value)
 from patchdiffusion.methods.latent_space import LatentSpaceMixin
 from patchdiffusion.nets.dimr import DIMR_PRESETS, DiMRNet, DiMRNetConfig, check_dimr_config, dimr_config
 from patchdiffusion.rng import SampleRNG
@@ -96,6 +97,41 @@ class DiMRMethod(LatentSpaceMixin, Method):
              "train.steps=2500", "train.sample_images=20", "sample.num_steps=25", "sample.guidance=6"],
         ),
     }
+
+    @classmethod
+    def comparison_overrides(cls, resolution: tuple[int, int]) -> list[str]:
+        # Two stages as DiMR-XL/2R: a transformer on 2×2 patches, then ConvNeXt blocks at full size, widths
+        # chosen to match the baseline U-Net's parameters and FLOPs (1.10M, 280M multiply-adds per 32² image);
+        # unconditional, like the other entries; DPM-Solver++(2M) with 25 steps (the default 50, halved for a CPU).
+        stages = ("[{block: transformer, dim: 128, hidden_dim: 256, num_blocks: 5, heads: 4, patch_size: 2}, "
+                  "{block: convnext, dim: 32, hidden_dim: 64, num_blocks: 2, kernel_size: 7}]")
+        return ["model.net.num_classes=0", f"model.net.stages={stages}", "model.loss_weights=[0.25,1.0]",
+                "sample.sampler=dpmpp_2m", "sample.num_steps=25", "sample.guidance=1.0"]
+
+    @classmethod
+    def comparison_claims(cls, records: dict[str, dict]) -> list[Claim]:
+        claim = "a multi-resolution network gives better quality than a single-resolution one at equal FLOPs (Liu et al. 2024)"
+        test = ("final SWD against the full-image U-Net's with FLOPs per evaluation matched within "
+                f"{COMPARISON_TOLERANCE}×, same data, batch and CPU budget (not the same number of steps)")
+        mine, full = comparison_record(records, cls.name), comparison_record(records, "full")
+        if mine is None or full is None:
+            return [Claim(cls.name, claim, test, "not testable", "needs a 'full' entry in the same comparison")]
+        flops = ratio(record_value(mine, "network.forward_flops"), record_value(full, "network.forward_flops"))
+        swd, swd_full = record_value(mine, "quality.swd"), record_value(full, "quality.swd")
+        noise = max(filter(None, [record_value(r, "quality.swd_curve_last_change") for r in (mine, full)]), default=0)
+        evidence = (f"FLOPs per evaluation {flops:.2f}×; SWD {swd:.1f} vs {swd_full:.1f}; steps in the budget "
+                    f"{record_value(mine, 'training.steps')} vs {record_value(full, 'training.steps')} (CPU s per training "
+                    f"image {ratio(record_value(mine, 'training.cpu_seconds_per_image'), record_value(full, 'training.cpu_seconds_per_image')):.2f}×); "
+                    f"noise scale (change between the last two curve points) {noise:.1f}")
+        if flops is None or not 1 / COMPARISON_TOLERANCE <= flops <= COMPARISON_TOLERANCE:
+            verdict = "not testable (FLOPs not matched)"
+        elif abs(swd - swd_full) <= noise:
+            verdict = "not shown (within noise)"
+        elif swd < swd_full:
+            verdict = "holds"
+        else:
+            verdict = "does not hold"
+        return [Claim(cls.name, claim, test, verdict, evidence)]
 
     @classmethod
     def architecture_overrides(cls, name: str) -> list[str]:
@@ -199,8 +235,9 @@ class DiMRMethod(LatentSpaceMixin, Method):
         f = self.downsample
         if (height // f, width // f) != self.canvas_size or height % f or width % f:
             raise ConfigError(
-                f"DiMR samples at its training size {self.resolution[1]}x{self.resolution[0]} only "
-                f"(its position embeddings are learned for it); got {width}x{height}"
+                f"DiMR samples at its training size {self.resolution[1]}x{self.resolution[0]} in one piece "
+                f"(its position embeddings are learned for it); got {width}x{height}: make larger images from "
+                "tiles of the training size (`patchdiff sample --size WxH`, or Method.sample(tiling=...))"
             )
 
 

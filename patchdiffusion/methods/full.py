@@ -26,6 +26,13 @@ def _default_net() -> UNetConfig:
     return UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(8,))
 
 
+def comparison_unet(side: int) -> list[str]:
+    """The baseline network of `patchdiff compare` (the default U-Net: 1.19M parameters, 250M multiply-adds
+    per 32² image), self-attention on the 8×8 level of a 32² image (side / 4), as the default does."""
+    return ["model.net.model_channels=32", "model.net.channel_mult=[1,2,2]", "model.net.num_res_blocks=1",
+            f"model.net.attention_resolutions=[{max(1, side // 4)}]"]
+
+
 @dataclass
 class EDMSettings:
     """EDM's noise-level settings, shared by the methods built on the EDM framework."""
@@ -70,6 +77,11 @@ class FullImageMethod(Method):
     Config = FullConfig
     default_sampler = "heun"
     default_steps = 18
+
+    @classmethod
+    def comparison_overrides(cls, resolution: tuple[int, int]) -> list[str]:
+        # The yardstick the other methods' comparison networks are sized against; EDM's Heun, 18 steps.
+        return comparison_unet(min(resolution)) + ["sample.sampler=heun", "sample.num_steps=18"]
 
     def validate(self) -> None:
         if self.config.net.in_channels != self.image_channels:

@@ -20,6 +20,14 @@ class LatentSpaceMixin:
 
         return vae_info(self.config.vae_path).downsample
 
+    def check_tiled_canvas(self, height: int, width: int) -> None:
+        from patchdiffusion.errors import ConfigError
+
+        f = self.downsample
+        if height % f or width % f:
+            raise ConfigError(f"canvas {width}x{height} is not divisible by the VAE's factor {f}; "
+                              f"use e.g. {max(f, round(width / f) * f)}x{max(f, round(height / f) * f)}")
+
     def canvas_shape(self, height: int, width: int) -> tuple[int, int, int]:
         f = self.downsample
         return (self.config.net.in_channels, height // f, width // f)

@@ -28,8 +28,9 @@ from patchdiffusion.config import Range
 from patchdiffusion.diffusion.losses import EDMLoss
 from patchdiffusion.diffusion.precond import EDMPrecond
 from patchdiffusion.errors import ConfigError
-from patchdiffusion.methods.base import Method, StepPlan, TrainBatch
-from patchdiffusion.methods.full import EDMSettings, check_divisible, edm_sampling_sigmas
+from patchdiffusion.methods.base import (Claim, Method, StepPlan, TrainBatch, comparison_record, ratio,
+                                         record_value, time_to_reach)
+from patchdiffusion.methods.full import EDMSettings, check_divisible, comparison_unet, edm_sampling_sigmas
 from patchdiffusion.methods.latent_space import LatentSpaceMixin
 from patchdiffusion.nets.unet import UNet, UNetConfig
 from patchdiffusion.rng import SampleRNG
@@ -89,12 +90,30 @@ def draw_patch_size(sizes: list[int], probs: list[float], seed: int, progress: f
     return sizes[int((cumulative <= u).sum())]
 
 
-def coordinate_grid(height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """(2, H, W): channel 0 x = 2·(j/(W−1) − 0.5) along columns, channel 1 y = 2·(i/(H−1) − 0.5) along rows."""
-    x = (torch.arange(width, dtype=torch.float64) / max(width - 1, 1) - 0.5) * 2
-    y = (torch.arange(height, dtype=torch.float64) / max(height - 1, 1) - 0.5) * 2
-    grid = torch.stack([x.expand(height, width), y[:, None].expand(height, width)])
+def coordinate_grid(height: int, width: int, device=None, dtype=torch.float32, top: int = 0, left: int = 0,
+                    rows: int | None = None, cols: int | None = None) -> torch.Tensor:
+    """(2, rows, cols) of the H×W canvas's grid from (top, left): channel 0 x = 2·(j/(W−1) − 0.5) along
+    columns, channel 1 y = 2·(i/(H−1) − 0.5) along rows (by default the whole canvas). Positions off the
+    canvas (a tile on a moved grid) continue the same lines."""
+    rows, cols = height if rows is None else rows, width if cols is None else cols
+    x = ((torch.arange(cols, dtype=torch.float64) + left) / max(width - 1, 1) - 0.5) * 2
+    y = ((torch.arange(rows, dtype=torch.float64) + top) / max(height - 1, 1) - 0.5) * 2
+    grid = torch.stack([x.expand(rows, cols), y[:, None].expand(rows, cols)])
     return grid.to(device=device, dtype=dtype)
+
+
+class CoordinateTiles:
+    """Patch Diffusion on tiles of a larger canvas: each tile sees the coordinate channels of its own
+    place in the canvas (Wang et al.'s coordinates of a patch in its image), so the tiles of one canvas
+    share one coordinate system, as the patches of a training image do."""
+
+    def __init__(self, net, sigma_data: float, tile: tuple[int, int]):
+        self.precond, self.tile, self.halo = EDMPrecond(net, sigma_data=sigma_data), tuple(tile), 0
+
+    def __call__(self, x, sigma, boxes, **cond):
+        grids = torch.stack([coordinate_grid(*box.canvas, device=x.device, dtype=x.dtype, top=box.top, left=box.left,
+                                             rows=box.height, cols=box.width) for box in boxes])
+        return self.precond(x, sigma, extra_channels=grids, **cond)
 
 
 def crop(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: int) -> torch.Tensor:
@@ -139,6 +158,48 @@ class PatchDiffusionMethod(LatentSpaceMixin, Method):
              "sample.num_steps=18"],
         ),
     }
+
+    @classmethod
+    def comparison_overrides(cls, resolution: tuple[int, int]) -> list[str]:
+        # The baseline's U-Net exactly (plus the two coordinate channels), so any difference is the patch
+        # training; real_p 0.5 as the paper's main results; full-canvas Heun sampling as the baseline.
+        return comparison_unet(min(resolution)) + ["model.real_p=0.5", "sample.sampler=heun", "sample.num_steps=18"]
+
+    @classmethod
+    def comparison_claims(cls, records: dict[str, dict]) -> list[Claim]:
+        claim = "about 2× faster training than full-image training to the same quality (Wang et al. 2023)"
+        test = ("training CPU time until its SWD curve first reaches the quality the full-image run ends with (the "
+                "mean of its last two curve points: single checkpoints swing), over that run's budget (0.5 = 2× "
+                "faster); same U-Net, data, batch and CPU budget")
+        mine, full = comparison_record(records, cls.name), comparison_record(records, "full")
+        if mine is None or full is None:
+            return [Claim(cls.name, claim, test, "not testable", "needs a 'full' entry in the same comparison")]
+        last = full["curve"][-2:]
+        target, budget = sum(p["swd"] for p in last) / len(last), full["curve"][-1]["cpu_seconds"]
+        reached = time_to_reach(mine["curve"], target)
+        share = ratio(reached, budget)
+        noise = max(filter(None, [record_value(r, "quality.swd_curve_last_change") for r in (mine, full)]), default=0)
+        curve = ", ".join(f"{p['swd']:.0f}@{p['cpu_seconds'] / 60:.1f}min" for p in mine["curve"] if p["cpu_seconds"])
+        evidence = (
+            f"full ends at curve SWD {target:.1f} (mean of its last {len(last)} points, budget {budget / 60:.1f} CPU min); "
+            f"{cls.name} curve: {curve}; "
+            + (f"reached at {share:.2f} of the budget" if share is not None else "never reached it")
+            + f"; final SWD {record_value(mine, 'quality.swd'):.1f} vs {record_value(full, 'quality.swd'):.1f}; "
+            f"train multiply-adds per image {record_value(mine, 'network.train_flops') / 1e6:.0f}M vs "
+            f"{record_value(full, 'network.train_flops') / 1e6:.0f}M; CPU s per training image "
+            f"{record_value(mine, 'training.cpu_seconds_per_image'):.4f} vs "
+            f"{record_value(full, 'training.cpu_seconds_per_image'):.4f}; noise scale (change between the last two "
+            f"curve points) {noise:.1f}; the curve has {len(mine['curve'])} points, so times are coarse")
+        if share is None or share > 0.85:
+            verdict = "does not hold"
+        elif share <= 0.6:
+            verdict = "holds"
+        else:
+            verdict = "partly"
+        mine_end = sum(p["swd"] for p in mine["curve"][-2:]) / len(mine["curve"][-2:])
+        if verdict != "does not hold" and noise > 0 and abs(mine_end - target) < noise:
+            verdict += " (within noise)"
+        return [Claim(cls.name, claim, test, verdict, evidence)]
 
     def validate(self) -> None:
         cfg = self.config
@@ -227,13 +288,15 @@ class PatchDiffusionMethod(LatentSpaceMixin, Method):
 
         return with_coordinates
 
+    def tile_model(self, net, options=None) -> CoordinateTiles:
+        return CoordinateTiles(net, self.config.sigma_data, self.native_tile)
+
     def sampling_sigmas(self, steps: int) -> torch.Tensor:
         return edm_sampling_sigmas(self.config, steps)
 
     def check_canvas(self, height: int, width: int) -> None:
+        self.check_tiled_canvas(height, width)
         f = self.downsample
-        if height % f or width % f:
-            raise ConfigError(f"canvas {width}x{height} is not divisible by the VAE's factor {f}")
         check_divisible(self.config.net, height // f, width // f)
 
 

@@ -1,0 +1,398 @@
+"""Any size in bounded memory, for every model (issue 16): memory, seams, and a gigapixel.
+
+Three parts, each writing its section of benchmarks/results/any_size.json (and the plot beside it):
+
+  memory     Peak RSS (VmHWM) of `patchdiff sample` in a fresh process per canvas size, the canvas on
+             disk, streamed to a tiled TIFF, the same tile batch and a tiny model (a `full` U-Net with
+             256² tiles): the peak is set by the tile batch, so 16384² should stay within 1.3× of 1024².
+  seams      For every method: a small model trained at 32² on builtin textures (`--train-cpu-minutes`
+             each, one process per method), canvases sampled from 32² tiles with every blend window ×
+             fixed/random grid at `--study-size`, and one `--size` canvas (1536x1024) with the best
+             setting; seam score (eval/seam.py) at the tile period on the grid's lines and at the worst
+             offset, beside real texture crops' scores; a wrapped canvas's score across its wrap edge.
+             The big canvases go to docs/images/any_size_<method>.png.
+  gigapixel  `patchdiff sample --size 32768x32768 --format tiff --canvas disk` on the tiny model, killed
+             with SIGKILL part way (`--kill-after`), then the same command again: it resumes and finishes.
+             Wall time, MP/s, peak RSS of each process and the TIFF's size.
+
+    python -m benchmarks.any_size memory [--sizes 1024 16384]
+    python -m benchmarks.any_size seams [--train-cpu-minutes 4] [--study-size 384x256] [--size 1536x1024]
+    python -m benchmarks.any_size gigapixel [--size 32768] [--steps 3] [--kill-after 900]
+
+Work folders default to ./runs/any_size (models) and a temp folder (canvases), so reruns reuse models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.common import machine_info, write_results
+
+RESULTS = Path("benchmarks/results")
+METHODS = ("full", "patching", "patch_diffusion", "patch_ddpm", "patch_dm", "dimr")
+WINDOWS = ("uniform", "linear", "cosine", "gaussian")
+GRIDS = ("fixed", "random")
+RSS_TARGET, SEAM_TARGET = 1.3, 1.05
+
+# A tiny model whose native tile is 256² (the memory and gigapixel parts): a `full` U-Net that patchifies
+# its input by 8 (Luhman & Luhman's reshape), so it runs at 32² inside a 256² tile: about 11 kFLOP per
+# pixel, and one tile call covers 65k pixels.
+TINY_256 = ["method=full", "data.source=builtin:textures", "data.resolution=256", "model.net.patch_size=8",
+            "model.net.model_channels=32", "model.net.channel_mult=[1,2,2]", "model.net.num_res_blocks=1",
+            "model.net.attention_resolutions=[]", "model.net.head_channels=32", "train.batch_size=4",
+            "train.lr=2e-3", "train.warmup_steps=20", "train.ema_halflife_kimg=0.2", "train.ema_rampup=0.2",
+            "train.sample_images=4", "train.checkpoint_every=100000", "sample.sampler=ddim"]
+
+# Small networks of each method at 32² (about 0.2M parameters): cheap enough to sample 1.5 MP canvases.
+SMALL_UNET = ["model.net.model_channels=16", "model.net.channel_mult=[1,2]", "model.net.num_res_blocks=1",
+              "model.net.attention_resolutions=[]", "model.net.head_channels=16"]
+SMALL = {
+    "full": SMALL_UNET,
+    "patching": [*SMALL_UNET, "model.net.patch_size=2", "model.net.model_channels=32"],
+    "patch_diffusion": SMALL_UNET,
+    "patch_ddpm": ["model.net.dim=16", "model.net.dim_mults=[1,2]", "model.net.attn_heads=2",
+                   "model.net.attn_dim_head=16", "model.patch_divider=2"],
+    "patch_dm": ["model.net.patch_size=16", "model.net.model_channels=16", "model.net.channel_mult=[1,2]",
+                 "model.net.num_res_blocks=1", "model.net.attention_resolutions=[]", "model.net.code_dim=32",
+                 "model.prediction=v", "model.grid_shift=random", "model.patch_batch=64"],
+    "dimr": ["model.net.stages=[{block: transformer, dim: 64, hidden_dim: 128, num_blocks: 3, heads: 4, patch_size: 4},"
+             " {block: convnext, dim: 16, hidden_dim: 32, num_blocks: 2, kernel_size: 7}]", "model.net.num_classes=0"],
+}
+TRAIN_32 = ["data.source=builtin:textures", "data.resolution=32", "train.batch_size=16", "train.lr=2e-3",
+            "train.warmup_steps=50", "train.ema_halflife_kimg=2", "train.ema_rampup=0.2", "train.sample_images=16",
+            "train.checkpoint_every=100000", "train.steps=1000000"]
+SAMPLE_STEPS = {"heun": 6, "euler": 10, "ddim": 10, "ddpm": 20, "dpmpp_2m": 10}
+
+
+def cli(*args: str, threads: int = 1, **kwargs) -> subprocess.CompletedProcess:
+    # One thread by default: small tiles are many small ops, which several threads slow down on a shared
+    # machine (measured: 12x slower with 2 threads at load 5 on 2 cores).
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    return subprocess.run([sys.executable, "-m", "patchdiffusion.cli", *args], text=True, env=env, **kwargs)
+
+
+def train_run(run: Path, overrides: list[str], cpu_minutes: float | None = None, steps: int | None = None) -> Path:
+    """Train (or finish) a run in its own process, one thread; reused when it is complete."""
+    if (run / "checkpoints").is_dir() and any((run / "checkpoints").glob("step-*")):
+        return run
+    budget = [f"train.max_cpu_minutes={cpu_minutes}"] if cpu_minutes else []
+    budget += [f"train.steps={steps}"] if steps else []
+    proc = cli("train", "--run", str(run), "--force", "--no-progress", *overrides, *budget, capture_output=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"training {run} failed:\n{proc.stderr[-3000:]}")
+    return run
+
+
+def peak_rss_of(proc: subprocess.Popen) -> int:
+    """VmHWM of a running child in bytes (0 once it has gone)."""
+    try:
+        text = Path(f"/proc/{proc.pid}/status").read_text()
+        return int(re.search(r"^VmHWM:\s+(\d+) kB", text, re.M).group(1)) * 1024
+    except (OSError, AttributeError):
+        return 0
+
+
+def run_watched(argv: list[str], kill_after: float | None = None, threads: int = 2) -> dict:
+    """A CLI command in a fresh process, its peak RSS sampled until it ends (or is killed)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    began, peak, killed = time.time(), 0, False
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "patchdiffusion.cli", *argv], stderr=err,
+                                stdout=subprocess.DEVNULL, text=True, env=env)
+        while proc.poll() is None:
+            peak = max(peak, peak_rss_of(proc))
+            if kill_after is not None and time.time() - began > kill_after:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                killed = True
+                break
+            time.sleep(0.5)
+        err.seek(0)
+        tail = err.read()[-2000:]
+    return dict(returncode=proc.returncode, seconds=time.time() - began, peak_rss_bytes=peak, killed=killed,
+                stderr_tail=tail)
+
+
+def update_results(section: str, data: dict, argv: list[str]) -> Path:
+    """Merge one part's figures into benchmarks/results/any_size.json and redraw the plot."""
+    path = RESULTS / "any_size.json"
+    report = json.loads(path.read_text()) if path.is_file() else {"benchmark": "any-size"}
+    data["command"] = "patchdiff bench any-size " + " ".join(argv)
+    data["machine"] = machine_info(torch.device("cpu"))
+    report[section] = data
+    write_results(report, str(RESULTS), "any_size", torch.device("cpu"), plot)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# memory
+
+
+def part_memory(args, argv) -> int:
+    work = Path(args.work)
+    run = train_run(work / "tiny256", TINY_256, steps=args.tiny_steps)
+    out = Path(args.canvas_folder or tempfile.mkdtemp(prefix="any-size-memory-"))
+    cases = []
+    for size in args.sizes:
+        argv_sample = ["sample", "--run", str(run), "--size", f"{size}x{size}", "--num", "1", "--steps",
+                       str(args.steps), "--format", "tiff", "--canvas", "disk", "--tile-batch", str(args.tile_batch),
+                       "--overlap", str(args.overlap), "--out", str(out / str(size)), "--no-progress"]
+        result = run_watched(argv_sample, threads=args.threads)
+        if result["returncode"] != 0:
+            raise RuntimeError(f"{size}²: {result['stderr_tail']}")
+        result.update(size=size, megapixels=size * size / 1e6,
+                      seconds_per_megapixel_per_step=result["seconds"] / (size * size / 1e6) / args.steps)
+        cases.append(result)
+        print(f"{size}²: peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB, {result['seconds']:.0f} s", file=sys.stderr)
+        for file in (out / str(size)).glob("*.tiff"):
+            file.unlink()
+    ratio = cases[-1]["peak_rss_bytes"] / cases[0]["peak_rss_bytes"]
+    update_results("memory", dict(
+        protocol=f"fresh `patchdiff sample` process per size: {args.steps} DDIM steps of the tiny full U-Net "
+                 f"(patchified by 8, tile 256², overlap {args.overlap}, tile batch {args.tile_batch}, {args.threads} "
+                 "threads), --canvas disk, --format tiff; peak RSS = VmHWM sampled every 0.5 s",
+        cases=cases, ratio=ratio, target=RSS_TARGET, passed=ratio <= RSS_TARGET), argv)
+    print(f"peak RSS {args.sizes[-1]}² / {args.sizes[0]}² = {ratio:.3f} (target ≤ {RSS_TARGET})")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# seams
+
+
+def to_255(path: Path) -> torch.Tensor:
+    from PIL import Image
+
+    return torch.from_numpy(np.asarray(Image.open(path).convert("RGB"))).permute(2, 0, 1)[None].float()
+
+
+def real_profile(size: tuple[int, int], period: int, count: int) -> dict:
+    """Seam profile of real texture images cut to `size` (what a seamless canvas should match: real
+    images know nothing of the tile period, whatever their scale)."""
+    from patchdiffusion.data import ImageDataset, open_source
+    from patchdiffusion.eval.seam import seam_profile
+
+    height, width = size
+    source = open_source(f"builtin:textures?count={count}&resolution={max(size)}&seed=7",
+                         resolution=(max(size), max(size)))
+    dataset = ImageDataset(source, (max(size), max(size)))
+    images = torch.stack([(dataset[i][0][:, :height, :width] + 1) * 127.5 for i in range(len(dataset))])
+    return seam_profile(images.round(), period, step=args_step(period)).as_dict()
+
+
+def args_step(period: int) -> int:
+    return max(1, period // 12)  # offsets looked at: about 12 per axis
+
+
+def sample_setting(run: Path, out: Path, size: tuple[int, int], window: str, grid: str, seeds: int, wrap=False,
+                   steps: int | None = None) -> tuple[list[Path], float]:
+    height, width = size
+    argv = ["sample", "--run", str(run), "--size", f"{width}x{height}", "--num", str(seeds), "--window", window,
+            "--grid", grid, "--tile-batch", "32", "--out", str(out), "--no-progress"]
+    if steps:
+        argv += ["--steps", str(steps)]
+    if wrap:
+        argv.append("--wrap")
+    began = time.time()
+    proc = cli(*argv, capture_output=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"sampling {run} {window}/{grid} failed:\n{proc.stderr[-2000:]}")
+    return sorted(out.glob("0*.png")), time.time() - began
+
+
+def part_seams(args, argv) -> int:
+    from patchdiffusion.config import load_config, parse_size
+    from patchdiffusion.eval.seam import seam_profile
+    from patchdiffusion.registry import method_class
+
+    work = Path(args.work)
+    canvases = Path(args.canvas_folder or tempfile.mkdtemp(prefix="any-size-seams-"))
+    study, big = parse_size(args.study_size), parse_size(args.size)
+    methods = args.methods.split(",")
+    runs = {}
+    for name in methods:  # train all first: each in its own process, one thread
+        config = [f"method={name}", *TRAIN_32, *SMALL[name]]
+        runs[name] = train_run(work / f"small32-{name}", config, cpu_minutes=args.train_cpu_minutes)
+        print(f"trained {name}: {runs[name]}", file=sys.stderr)
+    report = {"study_size": list(study), "size": list(big), "methods": {}, "real": {}}
+    previous = RESULTS / "any_size.json"
+    if previous.is_file():
+        report["methods"] = json.loads(previous.read_text()).get("seams", {}).get("methods", {})
+    for name in methods:
+        run = runs[name]
+        config = load_config(run / "config.yaml")
+        method = method_class(name)(config.model, config.data.resolution)
+        sampler = config.sample.sampler or method.default_sampler
+        steps = SAMPLE_STEPS.get(sampler, 10)
+        default = method.default_tiling()
+        tile = method.native_tile[0]
+        settings = {}
+        windows = WINDOWS if default.overlap != (0, 0) else ("uniform",)  # no overlap: nothing to blend
+        for window in windows:
+            for grid in GRIDS:
+                folder = canvases / name / f"{window}-{grid}"
+                paths, seconds = sample_setting(run, folder, study, window, grid, args.seeds, steps=steps)
+                stride = tile - (default.overlap[0] if default.overlap is not None else tile // 4)
+                profile = seam_profile(torch.cat([to_255(p) for p in paths]), stride, step=args_step(stride)).as_dict()
+                settings[f"{window}/{grid}"] = {**profile, "seconds": seconds, "period": stride}
+                print(f"{name} {window}/{grid}: on-grid {profile['at_grid']:.3f} worst {profile['worst']:.3f}",
+                      file=sys.stderr)
+        best = min(settings, key=lambda k: settings[k]["worst"])
+        window, grid = best.split("/")
+        folder = canvases / name / "big"
+        paths, seconds = sample_setting(run, folder, big, window, grid, 1, steps=steps)
+        stride = settings[best]["period"]
+        profile = seam_profile(to_255(paths[0]), stride, step=args_step(stride)).as_dict()
+        image = Path("docs/images") / f"any_size_{name}.png"
+        image.parent.mkdir(parents=True, exist_ok=True)
+        image.write_bytes(paths[0].read_bytes())
+        # A seamless texture: a wrapped canvas, scored across its wrap edge (rolled by half a canvas, the
+        # edge comes to the middle, where a period of the canvas size puts one boundary line per axis).
+        wrap_paths, _ = sample_setting(run, canvases / name / "wrap", study, window, grid, 1, wrap=True, steps=steps)
+        wrapped = to_255(wrap_paths[0])
+        rolled = torch.roll(wrapped, shifts=(study[0] // 2, study[1] // 2), dims=(2, 3))
+        from patchdiffusion.eval.seam import seam_score
+
+        across_wrap = seam_score(rolled, (study[0] // 2, study[1] // 2)).score
+        if str(stride) not in report["real"]:
+            report["real"][str(stride)] = real_profile(study, stride, 16)
+        real = report["real"][str(stride)]
+        report["methods"][name] = dict(
+            sampler=sampler, steps=steps, tile=tile, period=stride, settings=settings, best=best, canvas=str(image),
+            canvas_profile=profile, canvas_seconds=seconds, wrap_seam=across_wrap, real=real,
+            passed=profile["worst"] <= SEAM_TARGET and across_wrap <= SEAM_TARGET)
+        print(f"{name}: best {best}, {big[1]}x{big[0]} worst-offset seam {profile['worst']:.3f} (real crops "
+              f"{real['worst']:.3f}), wrap edge {across_wrap:.3f}", file=sys.stderr)
+        update_results("seams", report, argv)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# gigapixel
+
+
+def part_gigapixel(args, argv) -> int:
+    work = Path(args.work)
+    run = train_run(work / "tiny256", TINY_256, steps=args.tiny_steps)
+    out = Path(args.canvas_folder or "runs/any_size/gigapixel")
+    out.mkdir(parents=True, exist_ok=True)
+    sample = ["sample", "--run", str(run), "--size", f"{args.size}x{args.size}", "--num", "1", "--steps",
+              str(args.steps), "--format", "tiff", "--canvas", "disk", "--checkpoint-every", "1",
+              "--tile-batch", str(args.tile_batch), "--overlap", str(args.overlap), "--out", str(out), "--no-progress"]
+    attempts = []
+    if args.kill_after:
+        attempts.append(run_watched(sample, kill_after=args.kill_after, threads=args.threads))
+        print(f"killed after {attempts[-1]['seconds']:.0f} s (peak RSS {attempts[-1]['peak_rss_bytes'] / 2**20:.0f} MiB)",
+              file=sys.stderr)
+    attempts.append(run_watched(sample, threads=args.threads))
+    final = attempts[-1]
+    if final["returncode"] != 0:
+        raise RuntimeError(final["stderr_tail"])
+    resumed = re.search(r"resumed the canvas job in .* at step (\d+)", final["stderr_tail"])
+    tiff = out / "000000.tiff"
+    import tifffile
+
+    with tifffile.TiffFile(tiff) as f:
+        page = f.pages[0]
+        shape, tile = page.shape, page.tilewidth
+        corner = page.asarray(out=None)[:8, :8] if page.shape[0] * page.shape[1] <= 1 << 26 else None
+    pixels = args.size * args.size
+    total = sum(a["seconds"] for a in attempts)
+    update_results("gigapixel", dict(
+        size=[args.size, args.size], megapixels=pixels / 1e6, steps=args.steps, tiff=str(tiff), tiff_shape=list(shape),
+        tiff_tile=tile, tiff_bytes=tiff.stat().st_size, attempts=attempts, resumed_at_step=int(resumed.group(1))
+        if resumed else None, wall_seconds=total, megapixels_per_second_per_step=pixels / 1e6 * args.steps / total,
+        peak_rss_bytes=max(a["peak_rss_bytes"] for a in attempts), corner=None if corner is None else corner.tolist()),
+        argv)
+    print(f"{args.size}² in {total / 60:.1f} min ({pixels / 1e6 * args.steps / total:.2f} MP·steps/s), "
+          f"resumed at step {resumed.group(1) if resumed else '-'}; {tiff} {shape}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def plot(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2), dpi=100, gridspec_kw={"width_ratios": [3, 1]})
+    ax = axes[0]
+    seams = report.get("seams", {})
+    methods = seams.get("methods", {})
+    labels, at_grid, worst = [], [], []
+    for name, m in methods.items():
+        for key, s in m["settings"].items():
+            labels.append(f"{name}\n{key}")
+            at_grid.append(s["at_grid"])
+            worst.append(s["worst"])
+    if labels:
+        xs = np.arange(len(labels))
+        ax.bar(xs - 0.2, at_grid, 0.4, label="on the grid's lines")
+        ax.bar(xs + 0.2, worst, 0.4, label="worst offset")
+        reals = list(seams.get("real", {}).values())
+        real = max(reals, key=lambda r: r["worst"]) if reals else {}
+        if real:
+            ax.axhline(real["worst"], color="k", ls="--", lw=1, label=f"real crops, worst offset ({real['worst']:.3f})")
+        ax.axhline(SEAM_TARGET, color="r", ls=":", lw=1, label=f"target {SEAM_TARGET}")
+        ax.set_xticks(xs)
+        ax.set_xticklabels(labels, fontsize=5, rotation=90)
+        ax.set_ylabel("seam score (1 = seamless)")
+        ax.set_title(f"seam score by method, window and grid ({seams.get('study_size')} canvases)", fontsize=10)
+        ax.legend(fontsize=7)
+    ax = axes[1]
+    memory = report.get("memory", {})
+    if memory.get("cases"):
+        sizes = [c["size"] for c in memory["cases"]]
+        ax.plot(sizes, [c["peak_rss_bytes"] / 2**20 for c in memory["cases"]], marker="o")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("canvas side (pixels)")
+        ax.set_ylabel("peak RSS (MiB)")
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"peak RSS, canvas on disk: ×{memory['ratio']:.2f}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="patchdiff bench any-size", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("part", choices=("memory", "seams", "gigapixel"))
+    parser.add_argument("--work", default="runs/any_size", help="where the models are trained (reused)")
+    parser.add_argument("--canvas-folder", help="where canvases are written (default: a temp folder)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of each sampling process")
+    parser.add_argument("--tile-batch", type=int, default=8)
+    parser.add_argument("--tiny-steps", type=int, default=400, help="training steps of the tiny 256² model")
+    parser.add_argument("--overlap", type=int, default=32, help="memory/gigapixel: tile overlap (pixels)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 16384], help="memory: canvas sides")
+    parser.add_argument("--steps", type=int, default=2, help="memory/gigapixel: DDIM steps")
+    parser.add_argument("--methods", default=",".join(METHODS), help="seams: methods")
+    parser.add_argument("--train-cpu-minutes", type=float, default=4.0, help="seams: CPU budget per model")
+    parser.add_argument("--study-size", default="384x256", help="seams: canvas of the window × grid sweep")
+    parser.add_argument("--size", default="1536x1024", help="seams: the big canvas (WxH); gigapixel: the side")
+    parser.add_argument("--seeds", type=int, default=2, help="seams: canvases per setting")
+    parser.add_argument("--kill-after", type=float, default=0, help="gigapixel: SIGKILL the first run after S s")
+    args = parser.parse_args(argv)
+    if args.part == "gigapixel":
+        args.size = int(args.size) if args.size.isdigit() else 32768
+    return {"memory": part_memory, "seams": part_seams, "gigapixel": part_gigapixel}[args.part](args, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
