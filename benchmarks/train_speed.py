@@ -48,7 +48,7 @@ from benchmarks.common import machine_info, write_results
 NET = [
     "method=full", "data.source=builtin:textures", "data.resolution=32", "model.net.model_channels=32",
     "model.net.channel_mult=[1,2,2]", "model.net.num_res_blocks=2", "model.net.attention_resolutions=[8]",
-    "train.batch_size=16", "train.lr=2e-3", "train.warmup_steps=50", "train.log_every=5",
+    "train.batch_size=16", "train.lr=2e-3", "train.warmup_steps=50",
 ]
 PARAMETER_TOLERANCE = 1e-3
 
@@ -355,7 +355,8 @@ def train_check(args, work: Path, bench_loop_ms: float) -> dict:
     command = [sys.executable, "-m", "patchdiffusion.cli", "train", "--run", str(run_dir), "--no-progress",
                "--steps", "310", "--device", args.device, *NET, "train.compile=on", "train.sample_images=0",
                f"data.source=builtin:textures?count={args.images}"]
-    subprocess.run(command, check=True, capture_output=True, text=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), MKL_NUM_THREADS=str(torch.get_num_threads()))
+    subprocess.run(command, check=True, capture_output=True, text=True, env=env)
     rows = {r["step"]: r for r in read_metrics(run_dir) if "loss" in r}
     step_ms = 1000 * (rows[300]["seconds"] - rows[100]["seconds"]) / 200
     return {"command": "patchdiff train " + " ".join(command[4:]), "step_ms_100_300": round(step_ms, 2),
@@ -407,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=1000, help="images in the built-in texture set (default 1000)")
     parser.add_argument("--profile-steps", type=int, default=3, help="loop steps profiled per arm (default 3)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads for every step kind and the train check (default: torch's own, "
+                             "usually the core count; 1 keeps timings steadier on a machine shared with other jobs)")
     parser.add_argument("--train-check", action="store_true",
                         help="also time `patchdiff train ... train.compile=on` from its metrics.jsonl (steps 100-300)")
     parser.add_argument("--out-dir", default="benchmarks/results")
@@ -425,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     from patchdiffusion.nets.unet import count_parameters
     from patchdiffusion.runtime import inductor_cache, resolve_device
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     load_before = os.getloadavg()[0]
     started = time.time()
