@@ -370,3 +370,36 @@ def test_compiled_step_traces_once_per_step_shape_and_draws_the_same_numbers(tmp
     assert graphs[-1] <= 10 * shapes[-1]
     train(apply_overrides(RunConfig(), settings + ["train.compile=off"]), tmp_path / "eager", progress=False, log=quiet)
     assert_same(weights(tmp_path / "compiled", "net"), weights(tmp_path / "eager", "net"))
+
+
+# ------------------------------------------------------------------------------------------------
+# the benchmark's reference network
+
+
+def test_bench_twin_matches_the_project_network_in_parameters_and_flops():
+    """`patchdiff bench train-speed` compares like with like: diffusers' UNet2DModel built from the demo's
+    net config has the project U-Net's parameter count within 0.1% and its FLOPs within 2%."""
+    pytest.importorskip("diffusers")
+    import importlib
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from patchdiffusion.benchmarking import _benchmarks_package
+    from patchdiffusion.methods import build_method
+    from patchdiffusion.nets.unet import count_parameters
+
+    _benchmarks_package()
+    bench = importlib.import_module("benchmarks.train_speed")
+    config = apply_overrides(RunConfig(), bench.NET)
+    net = build_method(config.method, config.model, config.data.resolution, image_channels=3).build_network()
+    twin = bench.diffusers_twin(config.model.net, config.data.resolution[0])
+    ours, theirs = count_parameters(net), count_parameters(twin)
+    assert abs(ours - theirs) / ours <= bench.PARAMETER_TOLERANCE, (ours, theirs)
+
+    x, t = torch.randn(2, 3, 32, 32), torch.rand(2)
+    with FlopCounterMode(display=False) as ours_count:
+        net(x, t)
+    with FlopCounterMode(display=False) as theirs_count:
+        twin(x, (t * 999).long())
+    ratio = ours_count.get_total_flops() / theirs_count.get_total_flops()
+    assert 0.98 < ratio < 1.02, ratio
