@@ -188,13 +188,20 @@ class Steps:
 
 
 def timed(fn, device) -> float:
+    """Wall seconds of one call (CPU seconds of it go to CPU_TIMES, see timed_both)."""
+    return timed_both(fn, device)[0]
+
+
+def timed_both(fn, device) -> tuple[float, float]:
+    """(wall, CPU) seconds of one call. With one torch thread on a CPU shared with other jobs, the CPU
+    seconds leave out the time the scheduler gave the core to someone else."""
     from patchdiffusion.runtime import synchronize
 
     synchronize(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     fn()
     synchronize(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu_start
 
 
 # ------------------------------------------------------------------------------------------------
@@ -211,13 +218,15 @@ def count_flops(fn) -> tuple[float, dict]:
     return float(counter.get_total_flops()), per_op
 
 
-def matmul_peak(device, side: int = 2048, repeats: int = 5) -> float:
-    """Best GFLOP/s of a side x side fp32 matrix multiply: the machine's practical peak."""
+def matmul_peak(device, side: int = 2048, repeats: int = 5) -> tuple[float, float]:
+    """Best GFLOP/s of a side x side fp32 matrix multiply, by wall and by CPU time (per thread in use):
+    the machine's practical peak."""
     a = torch.randn(side, side, device=device)
     b = torch.randn(side, side, device=device)
     torch.mm(a, b)
-    best = min(timed(lambda: torch.mm(a, b), device) for _ in range(repeats))
-    return 2 * side**3 / best / 1e9
+    runs = [timed_both(lambda: torch.mm(a, b), device) for _ in range(repeats)]
+    flop = 2 * side**3
+    return flop / min(w for w, _ in runs) / 1e9, flop / (min(c for _, c in runs) / torch.get_num_threads()) / 1e9
 
 
 def kind_of(name: str) -> str:
@@ -268,9 +277,13 @@ def profiled(fn, steps: int) -> dict:
     return profile_table(prof.key_averages(), steps)
 
 
-def summary(values: list[float]) -> dict:
-    return {"median_ms": round(1000 * statistics.median(values), 2), "min_ms": round(1000 * min(values), 2),
-            "max_ms": round(1000 * max(values), 2), "n": len(values)}
+def summary(values: list[float], cpu: list[float] | None = None) -> dict:
+    row = {"median_ms": round(1000 * statistics.median(values), 2), "min_ms": round(1000 * min(values), 2),
+           "max_ms": round(1000 * max(values), 2), "n": len(values)}
+    if cpu:
+        row.update(cpu_median_ms=round(1000 * statistics.median(cpu), 2), cpu_min_ms=round(1000 * min(cpu), 2),
+                   cpu_max_ms=round(1000 * max(cpu), 2))
+    return row
 
 
 # ------------------------------------------------------------------------------------------------
@@ -294,16 +307,20 @@ def run_arm(mode: str, args, work: Path, log) -> dict:
     steps = Steps(trainer, compile_bare=mode == "on")
     device = trainer.device
     times: dict[str, list[float]] = {"loop": [], "bare": [], "diffusers": []}
+    cpu_times: dict[str, list[float]] = {"loop": [], "bare": [], "diffusers": [], "loop_in_step": []}
     first_epoch: list[float] = []
-    state = {"end": None, "first_loop": None, "prof": None}
+    state = {"end": None, "cpu_end": None, "in_step": 0.0, "first_loop": None, "prof": None}
     extra: dict[str, float] = {}
 
     def between(t) -> None:
         from patchdiffusion.runtime import synchronize
 
         synchronize(device)
-        now = time.perf_counter()
+        now, cpu_now = time.perf_counter(), time.process_time()
         loop_s = now - state["end"] if state["end"] is not None else None
+        loop_cpu_s = cpu_now - state["cpu_end"] if state["cpu_end"] is not None else None
+        # what metrics.jsonl's cpu_seconds counts: the step itself, without loading and logging
+        in_step_s, state["in_step"] = t.step_cpu_seconds - state["in_step"], t.step_cpu_seconds
         if t.step == 1:
             state["first_loop"] = now - state["start"]
             extra["bare_first_s"] = timed(steps.bare, device)  # the bare step's compile, when compiled
@@ -312,15 +329,19 @@ def run_arm(mode: str, args, work: Path, log) -> dict:
             first_epoch.append(loop_s)
         elif t.step <= warmup + args.steps:
             times["loop"].append(loop_s)
-            times["diffusers"].append(timed(steps.diffusers, device))
-            times["bare"].append(timed(steps.bare, device))
+            cpu_times["loop"].append(loop_cpu_s)
+            cpu_times["loop_in_step"].append(in_step_s)
+            for name in ("diffusers", "bare"):
+                wall, cpu = timed_both(getattr(steps, name), device)
+                times[name].append(wall)
+                cpu_times[name].append(cpu)
             if t.step == warmup + args.steps and args.profile_steps:
                 state["prof"] = profile(activities=[ProfilerActivity.CPU])
                 state["prof"].__enter__()
         if t.step == total and state["prof"] is not None:
             state["prof"].__exit__(None, None, None)
         synchronize(device)
-        state["end"] = time.perf_counter()
+        state["end"], state["cpu_end"] = time.perf_counter(), time.process_time()
 
     trainer.between_steps = between
     state["start"] = time.perf_counter()
@@ -328,14 +349,19 @@ def run_arm(mode: str, args, work: Path, log) -> dict:
     log(f"[{mode}] " + " | ".join(m for m in messages if m.startswith(("precision", "compile"))))
 
     medians = {k: statistics.median(v) for k, v in times.items()}
+    cpu_medians = {k: statistics.median(v) for k, v in cpu_times.items()}
     arm = {
         "compile": mode, "precision": trainer.precision, "warmup_steps": warmup,
         "choices": [m for m in messages if m.startswith(("precision", "compile"))],
-        "steps": {k: summary(v) for k, v in times.items()},
+        "steps": {k: summary(v, cpu_times[k]) for k, v in times.items()},
+        "loop_in_step_cpu": summary(cpu_times["loop_in_step"]),
         "first_epoch_loop": summary(first_epoch) if first_epoch else None,
         "loop_over_diffusers": medians["loop"] / medians["diffusers"],
         "bare_over_diffusers": medians["bare"] / medians["diffusers"],
         "loop_overhead": medians["loop"] / medians["bare"] - 1,
+        "by_cpu_time": {"loop_over_diffusers": cpu_medians["loop"] / cpu_medians["diffusers"],
+                        "bare_over_diffusers": cpu_medians["bare"] / cpu_medians["diffusers"],
+                        "loop_overhead": cpu_medians["loop"] / cpu_medians["bare"] - 1},
     }
     if mode == "on":
         arm["compile_seconds"] = {"loop_first_step": round(state["first_loop"] - medians["loop"], 1),
@@ -347,8 +373,11 @@ def run_arm(mode: str, args, work: Path, log) -> dict:
     return arm
 
 
-def train_check(args, work: Path, bench_loop_ms: float) -> dict:
-    """`patchdiff train ... train.compile=on` for 310 steps; its step time over steps 100-300 from metrics.jsonl."""
+def train_check(args, work: Path, arm: dict) -> dict:
+    """`patchdiff train ... train.compile=on` for 310 steps; its step time over steps 100-300 from metrics.jsonl,
+    by wall time (`seconds`) and by CPU time (`cpu_seconds`, the steps alone), against the bench's loop step
+    measured the same ways. The run comes after the bench's arms: if other jobs' load changed in between,
+    the wall times disagree and the CPU times (one thread) still compare like with like."""
     from patchdiffusion.run import read_metrics
 
     run_dir = work / "cli-run"
@@ -356,11 +385,17 @@ def train_check(args, work: Path, bench_loop_ms: float) -> dict:
                "--steps", "310", "--device", args.device, *NET, "train.compile=on", "train.sample_images=0",
                f"data.source=builtin:textures?count={args.images}"]
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), MKL_NUM_THREADS=str(torch.get_num_threads()))
+    load_before = os.getloadavg()[0]
     subprocess.run(command, check=True, capture_output=True, text=True, env=env)
     rows = {r["step"]: r for r in read_metrics(run_dir) if "loss" in r}
     step_ms = 1000 * (rows[300]["seconds"] - rows[100]["seconds"]) / 200
-    return {"command": "patchdiff train " + " ".join(command[4:]), "step_ms_100_300": round(step_ms, 2),
-            "bench_loop_ms": round(bench_loop_ms, 2), "ratio": round(step_ms / bench_loop_ms, 3)}
+    step_cpu_ms = 1000 * (rows[300]["cpu_seconds"] - rows[100]["cpu_seconds"]) / 200
+    bench_ms, bench_cpu_ms = arm["steps"]["loop"]["median_ms"], arm["loop_in_step_cpu"]["median_ms"]
+    return {"command": "patchdiff train " + " ".join(command[4:]), "threads": torch.get_num_threads(),
+            "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+            "step_ms_100_300": round(step_ms, 2), "bench_loop_ms": bench_ms, "ratio": round(step_ms / bench_ms, 3),
+            "step_cpu_ms_100_300": round(step_cpu_ms, 2), "bench_loop_cpu_ms": bench_cpu_ms,
+            "cpu_ratio": round(step_cpu_ms / bench_cpu_ms, 3)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -385,7 +420,8 @@ def plot(report: dict, path: str) -> None:
             ax.errorbar(x, s["median_ms"], yerr=[[s["median_ms"] - s["min_ms"]], [s["max_ms"] - s["median_ms"]]],
                         color="k", capsize=3, lw=1)
         ax.text(i, max(arm["steps"][n]["max_ms"] for n in names) * 1.02,
-                f"loop/diffusers {arm['loop_over_diffusers']:.2f}\noverhead {100 * arm['loop_overhead']:+.1f}%",
+                f"loop/diffusers {arm['loop_over_diffusers']:.2f} (CPU time {arm['by_cpu_time']['loop_over_diffusers']:.2f})\n"
+                f"overhead {100 * arm['loop_overhead']:+.1f}%",
                 ha="center", fontsize=8)
     ax.set_xticks(range(len(arms)), [f"compile {a['compile']} ({a['precision']})" for a in arms])
     ax.set_ylabel("ms per training step (median, min-max)")
@@ -454,13 +490,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.train_check:
             on = next((a for a in arms if a["compile"] == "on"), None)
             if on is not None:
-                check = train_check(args, Path(tmp), on["steps"]["loop"]["median_ms"])
-    peak = max(peaks)
+                check = train_check(args, Path(tmp), on)
+    peak, cpu_peak = max(p[0] for p in peaks), max(p[1] for p in peaks)
+    threads = torch.get_num_threads()
     for a in arms:
         for name, count in (("loop", flops), ("bare", flops), ("diffusers", twin_flops)):
-            gflops = count / (a["steps"][name]["median_ms"] / 1000) / 1e9
-            a["steps"][name]["gflops"] = round(gflops, 1)
-            a["steps"][name]["fraction_of_peak"] = round(gflops / peak, 3)
+            row = a["steps"][name]
+            gflops = count / (row["median_ms"] / 1000) / 1e9
+            row["gflops"] = round(gflops, 1)
+            row["fraction_of_peak"] = round(gflops / peak, 3)
+            if "cpu_median_ms" in row:  # per thread's CPU second, against the matmul's
+                cpu_gflops = count / (row["cpu_median_ms"] / 1000 / threads) / 1e9
+                row["cpu_gflops"] = round(cpu_gflops, 1)
+                row["cpu_fraction_of_peak"] = round(cpu_gflops / cpu_peak, 3)
     report = {
         "benchmark": "train-speed", "command": "patchdiff bench train-speed " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine_info(device), "load_average_1min_before": load_before,
@@ -471,7 +513,8 @@ def main(argv: list[str] | None = None) -> int:
         "gflop_per_step": {"project": flops / 1e9, "diffusers": twin_flops / 1e9},
         "gflop_by_op": {"project": {k: round(v / 1e9, 3) for k, v in flops_by_op.items()},
                         "diffusers": {k: round(v / 1e9, 3) for k, v in twin_by_op.items()}},
-        "matmul_peak_gflops": round(peak, 1), "matmul_peaks": [round(p, 1) for p in peaks],
+        "matmul_peak_gflops": round(peak, 1), "matmul_peak_gflops_by_cpu_time": round(cpu_peak, 1),
+        "matmul_peaks": [[round(w, 1), round(c, 1)] for w, c in peaks],
         "arms": arms, "train_check": check,
     }
     if report["parameters"]["relative_difference"] > PARAMETER_TOLERANCE:
@@ -483,9 +526,14 @@ def main(argv: list[str] | None = None) -> int:
               f"diffusers {a['steps']['diffusers']['median_ms']:.1f} ms); loop overhead {100 * a['loop_overhead']:+.1f}%; "
               f"{a['steps']['loop']['gflops']:.0f} GFLOP/s = {a['steps']['loop']['fraction_of_peak']:.2f} of the "
               f"{peak:.0f} GFLOP/s matmul peak" + (f"; compile {a['compile_seconds']}" if "compile_seconds" in a else ""))
+        c = a["by_cpu_time"]
+        print(f"    by CPU time: loop/diffusers {c['loop_over_diffusers']:.3f}, bare/diffusers {c['bare_over_diffusers']:.3f}, "
+              f"overhead {100 * c['loop_overhead']:+.1f}%; {a['steps']['loop']['cpu_fraction_of_peak']:.2f} of the "
+              f"{cpu_peak:.0f} GFLOP/s matmul peak")
     if check:
         print(f"train --compile on, metrics.jsonl steps 100-300: {check['step_ms_100_300']:.1f} ms/step = "
-              f"{check['ratio']:.3f} x the bench's loop step")
+              f"{check['ratio']:.3f} x the bench's loop step (wall); {check['step_cpu_ms_100_300']:.1f} CPU ms/step = "
+              f"{check['cpu_ratio']:.3f} x (CPU time); load average {check['load_average_1min']}")
     print(f"load average {load_before:.2f} before, {report['load_average_1min_after']:.2f} after; {stem}.json")
     return 0
 
