@@ -373,11 +373,13 @@ def run_arm(mode: str, args, work: Path, log) -> dict:
     return arm
 
 
-def train_check(args, work: Path, arm: dict) -> dict:
+def train_check(args, work: Path, arm: dict, reference=None, reference_steps: int = 4) -> dict:
     """`patchdiff train ... train.compile=on` for 310 steps; its step time over steps 100-300 from metrics.jsonl,
     by wall time (`seconds`) and by CPU time (`cpu_seconds`, the steps alone), against the bench's loop step
     measured the same ways. The run comes after the bench's arms: if other jobs' load changed in between,
-    the wall times disagree and the CPU times (one thread) still compare like with like."""
+    the wall times disagree and the CPU times (one thread) still compare like with like. `reference` (the
+    diffusers step, timed in this process before, during and after the run) also expresses both in
+    diffusers steps of their own moment, which takes the machine's state out of the comparison."""
     from patchdiffusion.run import read_metrics
 
     run_dir = work / "cli-run"
@@ -386,16 +388,38 @@ def train_check(args, work: Path, arm: dict) -> dict:
                f"data.source=builtin:textures?count={args.images}"]
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), MKL_NUM_THREADS=str(torch.get_num_threads()))
     load_before = os.getloadavg()[0]
-    subprocess.run(command, check=True, capture_output=True, text=True, env=env)
+    around = [reference() for _ in range(reference_steps)] if reference else []
+    with tempfile.TemporaryFile("w+") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, text=True, env=env)
+        while process.poll() is None:  # one diffusers step every 20 s while it runs: the machine's state
+            time.sleep(0.5)              # over the run's whole window (a few % of one core)
+            if reference and process.poll() is None and time.monotonic() % 20 < 0.5:
+                around.append(reference())
+        if process.returncode != 0:
+            output.seek(0)
+            raise RuntimeError(f"train check failed ({process.returncode}): {output.read()[-2000:]}")
+    around += [reference() for _ in range(reference_steps)] if reference else []
     rows = {r["step"]: r for r in read_metrics(run_dir) if "loss" in r}
     step_ms = 1000 * (rows[300]["seconds"] - rows[100]["seconds"]) / 200
     step_cpu_ms = 1000 * (rows[300]["cpu_seconds"] - rows[100]["cpu_seconds"]) / 200
     bench_ms, bench_cpu_ms = arm["steps"]["loop"]["median_ms"], arm["loop_in_step_cpu"]["median_ms"]
-    return {"command": "patchdiff train " + " ".join(command[4:]), "threads": torch.get_num_threads(),
-            "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-            "step_ms_100_300": round(step_ms, 2), "bench_loop_ms": bench_ms, "ratio": round(step_ms / bench_ms, 3),
-            "step_cpu_ms_100_300": round(step_cpu_ms, 2), "bench_loop_cpu_ms": bench_cpu_ms,
-            "cpu_ratio": round(step_cpu_ms / bench_cpu_ms, 3)}
+    result = {"command": "patchdiff train " + " ".join(command[4:]), "threads": torch.get_num_threads(),
+              "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+              "step_ms_100_300": round(step_ms, 2), "bench_loop_ms": bench_ms, "ratio": round(step_ms / bench_ms, 3),
+              "step_cpu_ms_100_300": round(step_cpu_ms, 2), "bench_loop_cpu_ms": bench_cpu_ms,
+              "cpu_ratio": round(step_cpu_ms / bench_cpu_ms, 3)}
+    if around:
+        # both in diffusers steps: the run's steps over the diffusers step timed around it, the bench's loop
+        # step over the diffusers step it alternated with
+        ref_ms = 1000 * statistics.median(w for w, _ in around)
+        ref_cpu_ms = 1000 * statistics.median(c for _, c in around)
+        bench = arm["steps"]["loop"]["median_ms"] / arm["steps"]["diffusers"]["median_ms"]
+        bench_cpu = arm["loop_in_step_cpu"]["median_ms"] / arm["steps"]["diffusers"]["cpu_median_ms"]
+        result.update(reference_diffusers_ms=round(ref_ms, 2), reference_diffusers_cpu_ms=round(ref_cpu_ms, 2),
+                      reference_steps=len(around),
+                      ratio_in_diffusers_steps=round(step_ms / ref_ms / bench, 3),
+                      cpu_ratio_in_diffusers_steps=round(step_cpu_ms / ref_cpu_ms / bench_cpu, 3))
+    return result
 
 
 # ------------------------------------------------------------------------------------------------
@@ -449,6 +473,9 @@ def main(argv: list[str] | None = None) -> int:
                              "usually the core count; 1 keeps timings steadier on a machine shared with other jobs)")
     parser.add_argument("--train-check", action="store_true",
                         help="also time `patchdiff train ... train.compile=on` from its metrics.jsonl (steps 100-300)")
+    parser.add_argument("--cold-cache", action="store_true",
+                        help="compile into a fresh inductor cache, so compile_seconds are a first compile's (the "
+                             "train check then reuses that cache, as a second run would)")
     parser.add_argument("--out-dir", default="benchmarks/results")
     args = parser.parse_args(argv)
     modes = [m.strip() for m in args.compile.split(",") if m.strip()]
@@ -473,6 +500,9 @@ def main(argv: list[str] | None = None) -> int:
     peaks = [matmul_peak(device)]
     arms = []
     with tempfile.TemporaryDirectory(prefix="bench-train-speed-") as tmp:
+        if args.cold_cache:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tmp) / "inductor")
+        cache = str(inductor_cache())
         for mode in modes:
             arms.append(run_arm(mode, args, Path(tmp), lambda line: print(line, file=sys.stderr)))
             a = arms[-1]
@@ -490,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.train_check:
             on = next((a for a in arms if a["compile"] == "on"), None)
             if on is not None:
-                check = train_check(args, Path(tmp), on)
+                check = train_check(args, Path(tmp), on, lambda: timed_both(steps.diffusers, device))
     peak, cpu_peak = max(p[0] for p in peaks), max(p[1] for p in peaks)
     threads = torch.get_num_threads()
     for a in arms:
@@ -507,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "train-speed", "command": "patchdiff bench train-speed " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine_info(device), "load_average_1min_before": load_before,
         "load_average_1min_after": os.getloadavg()[0], "seconds": round(time.time() - started, 1),
-        "network": NET, "inductor_cache": str(inductor_cache()),
+        "network": NET, "inductor_cache": "fresh (--cold-cache)" if args.cold_cache else cache,
         "parameters": {"project": project_params, "diffusers": twin_params,
                        "relative_difference": abs(project_params - twin_params) / project_params},
         "gflop_per_step": {"project": flops / 1e9, "diffusers": twin_flops / 1e9},
@@ -534,6 +564,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train --compile on, metrics.jsonl steps 100-300: {check['step_ms_100_300']:.1f} ms/step = "
               f"{check['ratio']:.3f} x the bench's loop step (wall); {check['step_cpu_ms_100_300']:.1f} CPU ms/step = "
               f"{check['cpu_ratio']:.3f} x (CPU time); load average {check['load_average_1min']}")
+        if "ratio_in_diffusers_steps" in check:
+            print(f"    in diffusers steps timed around the run: {check['ratio_in_diffusers_steps']:.3f} x (wall), "
+                  f"{check['cpu_ratio_in_diffusers_steps']:.3f} x (CPU time)")
     print(f"load average {load_before:.2f} before, {report['load_average_1min_after']:.2f} after; {stem}.json")
     return 0
 
