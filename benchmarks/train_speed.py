@@ -426,33 +426,50 @@ def train_check(args, work: Path, arm: dict, reference=None, reference_steps: in
 
 
 def plot(report: dict, path: str) -> None:
+    """Left: each step kind over the diffusers step it alternated with (wall medians, min-max), with the
+    targets; right: CPU ms per step (one thread: what other jobs' load does not stretch)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     arms = report["arms"]
-    fig, ax = plt.subplots(figsize=(7, 3.8), dpi=100)
     names = ["loop", "bare", "diffusers"]
     colours = {"loop": "#3a7", "bare": "#9c9", "diffusers": "#999"}
+    targets = {"off": 1.0, "on": 0.8}
     width = 0.8 / len(names)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
     for i, arm in enumerate(arms):
+        reference = arm["steps"]["diffusers"]["median_ms"]
         for j, name in enumerate(names):
             s = arm["steps"][name]
             x = i + (j - 1) * width
-            ax.bar(x, s["median_ms"], width, color=colours[name], label=name if i == 0 else None)
-            ax.errorbar(x, s["median_ms"], yerr=[[s["median_ms"] - s["min_ms"]], [s["max_ms"] - s["median_ms"]]],
-                        color="k", capsize=3, lw=1)
-        ax.text(i, max(arm["steps"][n]["max_ms"] for n in names) * 1.02,
-                f"loop/diffusers {arm['loop_over_diffusers']:.2f} (CPU time {arm['by_cpu_time']['loop_over_diffusers']:.2f})\n"
-                f"overhead {100 * arm['loop_overhead']:+.1f}%",
-                ha="center", fontsize=8)
-    ax.set_xticks(range(len(arms)), [f"compile {a['compile']} ({a['precision']})" for a in arms])
-    ax.set_ylabel("ms per training step (median, min-max)")
-    ax.set_title(f"batch 16 at 32², {report['gflop_per_step']['project']:.1f} GFLOP/step; "
-                 f"matmul peak {report['matmul_peak_gflops']:.0f} GFLOP/s", fontsize=9)
-    ax.legend(fontsize=8, loc="lower right")
-    ax.set_ylim(0, ax.get_ylim()[1] * 1.12)
+            mid, low, high = s["median_ms"] / reference, s["min_ms"] / reference, s["max_ms"] / reference
+            left.bar(x, mid, width, color=colours[name], label=name if i == 0 else None)
+            left.errorbar(x, mid, yerr=[[mid - low], [high - mid]], color="k", capsize=3, lw=1)
+            if "cpu_median_ms" in s:
+                right.bar(x, s["cpu_median_ms"], width, color=colours[name], label=name if i == 0 else None)
+                right.errorbar(x, s["cpu_median_ms"], yerr=[[s["cpu_median_ms"] - s["cpu_min_ms"]],
+                                                             [s["cpu_max_ms"] - s["cpu_median_ms"]]],
+                               color="k", capsize=3, lw=1)
+        target = targets[arm["compile"]]
+        left.hlines(target, i - 0.45, i + 0.45, colors="r", linestyles="--", lw=1,
+                    label="target (loop/diffusers)" if i == 0 else None)
+        left.text(i, 1.62, f"loop/diffusers {arm['loop_over_diffusers']:.3f}\n(CPU time "
+                  f"{arm['by_cpu_time']['loop_over_diffusers']:.3f})\noverhead {100 * arm['loop_overhead']:+.1f}%",
+                  ha="center", fontsize=8)
+    ticks = [f"compile {a['compile']} ({a['precision']})" for a in arms]
+    left.set_xticks(range(len(arms)), ticks)
+    right.set_xticks(range(len(arms)), ticks)
+    left.set_ylim(0, 1.9)
+    left.set_ylabel("step time / diffusers step (wall, median, min-max)")
+    right.set_ylabel("CPU ms per step (median, min-max)")
+    left.legend(fontsize=7, loc="lower center")
+    machine = report["machine"]
+    fig.suptitle(f"training step, batch 16 at 32², {report['gflop_per_step']['project']:.1f} GFLOP; "
+                 f"{machine.get('torch_threads')} thread(s), load average {report['load_average_1min_before']:.1f}"
+                 f"-{report['load_average_1min_after']:.1f}; matmul peak {report['matmul_peak_gflops']:.0f} GFLOP/s",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
