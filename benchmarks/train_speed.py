@@ -14,10 +14,12 @@ Three steps are timed, one after the other, over and over (so all three see the 
 The loop is timed from inside a real run (`Trainer.between_steps`), after a warm-up long enough for
 the first epoch (decoding and caching the images) and any compile to be over. FLOPs come from
 torch.utils.flop_counter; the matrix-multiply peak is a large fp32 matmul timed in the same process;
-torch.profiler says where a step's time goes (top operators, and time per operator kind).
+torch.profiler says where a step's time goes (top operators, and time per operator kind). Every step is
+timed by wall clock and by CPU time: with `--threads 1` on a machine shared with other jobs, CPU time
+leaves out the slices the scheduler gave to someone else, and is the steadier of the two.
 
-    python -m benchmarks.train_speed [--compile off,on] [--steps 12] [--profile-steps 3]
-                                     [--train-check] [--out-dir DIR]
+    python -m benchmarks.train_speed [--compile off,on] [--steps 12] [--profile-steps 3] [--threads N]
+                                     [--train-check] [--cold-cache] [--out-dir DIR]
 
 Writes DIR/train_speed.json and DIR/train_speed.png. `--train-check` also runs
 `patchdiff train ... train.compile=on` for 310 steps and reads its step time over steps 100-300 from
