@@ -22,6 +22,7 @@ BENCHMARKS = {
     "patch-dm-seams": ("patch_dm_seams", "Patch-DM: seam score of 4×-larger canvases with and without collage; codes FD"),
     "any-size": ("any_size", "any size, every method: peak RSS vs canvas size, seams per window and grid, a gigapixel"),
     "data-loading": ("data_loading", "training steps/s with 0 vs 2 DataLoader workers on a folder of 256² PNGs"),
+    "train-speed": ("train_speed", "training step as `train` runs it vs diffusers UNet2DModel, compile off/on; FLOP/s, profile"),
 }
 
 

@@ -116,8 +116,10 @@ class TrainConfig:
     grad_clip: float = 1.0               # max global grad norm (0 = off)
     ema_halflife_kimg: float = 0.5       # EMA half-life in thousands of images (EDM convention)
     ema_rampup: float = 0.05             # EMA half-life is at most this fraction of images seen, so early EMA tracks the net
-    precision: str = "fp32"              # fp32 | bf16 | fp16 (fp16 only on CUDA)
-    compile: bool = False                # wrap the network in torch.compile
+    precision: str = "auto"              # auto | fp32 | bf16 | fp16 (fp16 only on CUDA); auto: bf16 autocast where
+                                         # a short probe (cached per machine) finds it faster, else fp32
+    compile: str = "auto"                # auto | on | off: torch.compile the step's loss (denoiser + loss); auto
+                                         # compiles when the run's budget saves >= 3x the compile time
     seed: int = 0                        # seeds data order, noise, patch positions, initial weights
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
     log_every: int = 10                  # steps between metrics.jsonl / TensorBoard rows
@@ -137,7 +139,15 @@ class TrainConfig:
         "sample_every": Range(0, 1e12), "sample_images": Range(0, 4096), "metric_every": Range(0, 1e12),
         "metric_images": Range(2, 1e6),
     }
-    CHOICES: ClassVar[dict] = {"precision": ("fp32", "bf16", "fp16")}
+    CHOICES: ClassVar[dict] = {"precision": ("auto", "fp32", "bf16", "fp16"), "compile": ("auto", "on", "off")}
+
+    def __post_init__(self) -> None:
+        # Older runs saved `compile: true/false`, and YAML reads a bare on/off as a boolean too.
+        self.compile = _COMPILE_WORDS.get(str(self.compile).strip().lower(), self.compile)
+
+
+_COMPILE_WORDS = {"true": "on", "yes": "on", "1": "on", "on": "on", "false": "off", "no": "off", "0": "off",
+                  "off": "off", "auto": "auto"}
 
 
 @dataclass

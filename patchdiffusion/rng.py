@@ -37,6 +37,15 @@ class SampleRNG:
     def __len__(self) -> int:
         return len(self.generators)
 
+    def clone(self) -> "SampleRNG":
+        """An independent copy at the same point of every stream: the same draws follow from both."""
+        twin = SampleRNG([], self.device)
+        for g in self.generators:
+            copy = torch.Generator(device=self.device)
+            copy.set_state(g.get_state())
+            twin.generators.append(copy)
+        return twin
+
     def randn(self, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Standard normal draws, shape (B, *shape)."""
         return torch.stack([torch.randn(shape, generator=g, device=self.device, dtype=dtype) for g in self.generators])
@@ -59,3 +68,19 @@ class SampleRNG:
         if x.shape[0] != len(self.generators):
             raise ValueError(f"batch of {x.shape[0]} but {len(self.generators)} generators")
         return self.randn(*x.shape[1:], dtype=x.dtype)
+
+
+_DRAWS = ("randn", "rand", "randint", "randn_like")
+
+
+def keep_draws_out_of_compiled_graphs() -> None:
+    """Have torch.compile run SampleRNG's draws as they are, outside its graphs (the numbers do not change).
+
+    Traced, the loop over generators would be cut into one graph piece per example, recompiled for every
+    batch size. Called before compiling rather than at import: importing torch's compiler costs a second."""
+    for name in _DRAWS:
+        draw = getattr(SampleRNG, name)
+        if not getattr(draw, "_outside_graphs", False):
+            eager = torch.compiler.disable(draw)
+            eager._outside_graphs = True
+            setattr(SampleRNG, name, eager)
