@@ -931,6 +931,7 @@ def sample_canvas(
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
     num_steps = len(sigmas) - 1
     denoiser.plan((H, W), float(sigmas[0]))  # impossible tile / overlap / size: one clear error, now
+    denoiser.set_schedule(sigmas)
     if checkpoint_every < 1:
         raise CanvasError(f"checkpoint_every must be at least 1, got {checkpoint_every}")
     storage = choose_storage(shape, sampler, options, storage)
@@ -983,9 +984,10 @@ def sample_canvas(
         x = noise.start(CanvasArray.full(shape, 0.0, space)) * float(sigmas[0])
 
     began, tiles_before = time.time(), denoiser.tiles_done
-    per_call = B * denoiser.count((H, W), float(sigmas[0]))
-    calls = sum(2 if sampler == "heun" and i < num_steps - 1 else 1 for i in range(start, num_steps))
-    bar = _progress_bar(progress, per_call * calls, f"canvas {W}x{H}" + (f" x{B}" if B > 1 else ""))
+    per_call = B * denoiser.plan((H, W), float(sigmas[0])).count  # one grid: the MP/s of canvas work
+    total = sum(B * denoiser.count((H, W), float(sigmas[i])) * (2 if sampler == "heun" and i < num_steps - 1 else 1)
+                for i in range(start, num_steps))
+    bar = _progress_bar(progress, total, f"canvas {W}x{H}" + (f" x{B}" if B > 1 else ""))
     last = {"denoised": previous}
 
     def on_tiles(n: int) -> None:

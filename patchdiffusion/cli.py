@@ -149,6 +149,12 @@ def _add_tiling_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--window", choices=WINDOWS, help="how overlapping tiles are blended (default: the method's)")
     group.add_argument("--grid", choices=GRIDS, help="fixed tile grid, or a random offset at every step "
                                                      "(default: the method's)")
+    group.add_argument("--passes", type=number_arg(int, minimum=1, maximum=64),
+                       help="average K tile grids at different offsets at each step: fewer seams, K times the "
+                            "tile calls (default 1)")
+    group.add_argument("--passes-last", type=number_arg(int, minimum=0, maximum=1 << 20), metavar="N",
+                       help="use --passes only in the last N steps, where fine detail and seams form (default 0: "
+                            "every step)")
     group.add_argument("--wrap", action="store_true", help="seamless texture: tiles wrap around the canvas edges")
     group.add_argument("--tile-batch", type=number_arg(int, minimum=1, maximum=1 << 16),
                        help="tiles per network call: peak memory grows with it (default 4)")
@@ -277,14 +283,15 @@ def cmd_sample(args, extra: list[str]) -> int:
                   class_label=args.class_label, height=height, width=width, device=args.device,
                   use_ema=False if args.no_ema else None, progress=not args.no_progress)
     tile_flags = (args.tile, args.overlap, args.window, args.grid, args.tile_batch, args.canvas, args.format,
-                  args.checkpoint_every)
+                  args.checkpoint_every, args.passes, args.passes_last)
     if any(flag is not None for flag in tile_flags) or args.wrap or _other_size(args.run, height, width):
         from patchdiffusion.run import load_run
         from patchdiffusion.runtime import resolve_device
 
         loaded = load_run(args.run, resolve_device(args.device), False if args.no_ema else None)
         tiling = tiling_config(loaded.method, args.tile, args.overlap, args.window, args.grid,
-                               True if args.wrap else None, args.tile_batch, seed=args.seed)
+                               True if args.wrap else None, args.tile_batch, seed=args.seed, passes=args.passes,
+                               passes_last=args.passes_last)
         paths = generate_canvases(args.run, out, tiling=tiling, storage=args.canvas or "auto",
                                   image_format=args.format or "png", checkpoint_every=args.checkpoint_every or 1,
                                   loaded=loaded, **common, **options)

@@ -151,7 +151,7 @@ IMAGE_FORMATS = ("png", "tiff")
 
 
 def tiling_config(method, tile=None, overlap=None, window=None, grid=None, wrap=None, tile_batch=None,
-                  seed: int = 0) -> TilingConfig:
+                  seed: int = 0, passes=None, passes_last=None) -> TilingConfig:
     """The method's default tiling with the caller's choices on top (None = the method's). `tile` (N, "WxH"
     or (h, w)) and `overlap` (N or (h, w)) are in image pixels; a latent method tiles its latent canvas,
     so they are divided by its VAE's factor."""
@@ -168,7 +168,8 @@ def tiling_config(method, tile=None, overlap=None, window=None, grid=None, wrap=
     if overlap is not None:
         h, w = (overlap, overlap) if isinstance(overlap, int) else tuple(overlap)
         changes["overlap"] = (h // factor, w // factor)
-    for name, value in (("window", window), ("grid", grid), ("wrap", wrap), ("batch", tile_batch)):
+    for name, value in (("window", window), ("grid", grid), ("wrap", wrap), ("batch", tile_batch), ("passes", passes),
+                        ("passes_last", passes_last)):
         if value is not None:
             changes[name] = value
     return dataclasses.replace(base, **changes)
@@ -252,6 +253,8 @@ def generate_canvases(
     out_dir.mkdir(parents=True, exist_ok=True)
     log(f"sampling {num} canvas{'es' if num != 1 else ''} of {width}x{height} ({steps} {sampler} steps, guidance "
         f"{guidance}, tiles {tiling.tile or method.native_tile} window {tiling.window} grid {tiling.grid}"
+        f"{f' x{tiling.passes} passes' if tiling.passes > 1 else ''}"
+        f"{f' in the last {tiling.passes_last} steps' if tiling.passes > 1 and tiling.passes_last else ''}"
         f"{' wrapped' if tiling.wrap else ''}, canvas storage {storage}) into {out_dir}")
     paths = []
     for i in range(num):

@@ -267,6 +267,8 @@ def test_impossible_tilings_raise_one_clear_line():
         (TilingConfig(grid="shifted"), "grid must be one of"),
         (TilingConfig(batch=0), "tile batch"),
         (TilingConfig(tile=(0, 8)), "tile must be positive"),
+        (TilingConfig(passes=0), "passes must be a positive int"),
+        (TilingConfig(passes_last=-1), "passes_last must be an int >= 0"),
     ]
     for config, message in cases:
         with pytest.raises(TilingError, match=message) as error:
@@ -277,3 +279,58 @@ def test_impossible_tilings_raise_one_clear_line():
     assert check_tiling((12, 20), TilingConfig(wrap=True), model) == ((16, 24), (4, 6))
     with pytest.raises(TilingError, match="smaller"):
         TiledDenoiser(model)(torch.zeros(1, 3, 8, 8), 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Passes: the mean of several grids per call.
+
+
+@pytest.mark.parametrize("grid", ["fixed", "random"])
+def test_passes_average_the_grids_at_their_own_offsets(grid):
+    """D = (1/K) Σ_p D_p: each pass is the one-grid estimate of the grid at that pass's offset."""
+    model = ConvTiles(tile=(16, 24))
+    x = torch.randn(2, 3, 40, 56, generator=torch.Generator().manual_seed(5))
+    sigma = torch.tensor([1.5, 0.4])
+    config = TilingConfig(overlap=(4, 6), grid=grid, passes=3, batch=5, seed=2)
+    tiled = TiledDenoiser(model, config)
+    out = tiled(x, sigma)
+    expected = torch.zeros_like(x)
+    for b in range(2):
+        for p in range(3):
+            offset = tiled.grid_offset(float(sigma[b]), p)
+            one = TiledDenoiser(model, TilingConfig(overlap=(4, 6), grid=grid if p == 0 else "random"))
+            one.grid_offset = lambda s, pass_index=0, offset=offset: offset  # this pass's grid alone
+            expected[b:b + 1] += one(x[b:b + 1], float(sigma[b])) / 3
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    offsets = {tiled.grid_offset(1.5, p) for p in range(3)}
+    assert len(offsets) == 3  # three different grids
+    if grid == "fixed":
+        assert tiled.grid_offset(1.5, 0) == (0, 0)
+    # An elementwise model is still reproduced exactly: each pass is a partition of unity.
+    gaussian = TiledDenoiser(GaussianTiles(tile=(16, 24)), config)
+    torch.testing.assert_close(gaussian(x, sigma), MU + S**2 / (S**2 + sigma.reshape(-1, 1, 1, 1) ** 2) * (x - MU),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_passes_last_limits_the_passes_to_the_last_steps_and_the_tile_count_follows():
+    model = ConvTiles(tile=(16, 24))
+    sigmas = edm_sigmas(6)
+    tiled = TiledDenoiser(model, TilingConfig(overlap=(4, 6), grid="random", passes=4, passes_last=2))
+    tiled.set_schedule(sigmas)
+    used = [tiled.passes_at(float(torch.tensor(s, dtype=torch.float32))) for s in sigmas[:-1].tolist()]
+    assert used == [1, 1, 1, 1, 4, 4]
+    one_grid = [tiled.plan((40, 56), s).count for s in sigmas[:-1].tolist()]
+    assert tiled.count((40, 56), float(sigmas[-2])) > 3 * one_grid[-1]
+    counts = []
+    tiled.on_tiles = counts.append
+    get_sampler("euler")(tiled, torch.randn(1, 3, 40, 56) * sigmas[0], sigmas)
+    assert sum(counts) == sum(tiled.count((40, 56), s) for s in sigmas[:-1].tolist())
+    # Every step when passes_last is 0, and one pass changes nothing at all.
+    every = TiledDenoiser(model, TilingConfig(grid="random", passes=2))
+    every.set_schedule(sigmas)
+    assert all(every.passes_at(s) == 2 for s in sigmas[:-1].tolist())
+    x = torch.randn(1, 3, 40, 56, generator=torch.Generator().manual_seed(6))
+    plain = TiledDenoiser(model, TilingConfig(overlap=(4, 6), grid="random", seed=1))(x, 0.8)
+    single = TiledDenoiser(model, TilingConfig(overlap=(4, 6), grid="random", seed=1, passes=1, passes_last=3))
+    single.set_schedule(sigmas)
+    assert torch.equal(single(x, 0.8), plain)

@@ -24,6 +24,16 @@ keyed by the seed and σ, tiles starting at −dy + k·s, pixels beyond the canv
 mirrored (without repeating the edge) within that grid extension and as zeros in the halo beyond it.
 With `wrap` the canvas is a torus: reads, writes and the offset wrap around, so the output tiles with
 itself.
+
+`passes` K > 1 averages K fused estimates per call, each from the grid at its own offset (the first at
+the grid's own, the others random, keyed by seed, σ and pass):
+
+    D(x; σ) = (1/K) Σ_p D_p(x; σ)
+
+so a tile boundary of one grid lies inside the tiles of the others and boundary artefacts (and a
+model's own patch borders within a tile) are averaged away, at K times the tile calls. `passes_last`
+N limits that to the calls of the sampler's last N steps (`set_schedule` tells the denoiser the noise
+levels), where the image's fine detail, and its seams, are decided.
 """
 
 from __future__ import annotations
@@ -110,6 +120,8 @@ class TilingConfig:
     wrap: bool = False  # circular canvas: tiles cross the edges, the output tiles with itself
     batch: int = 4  # tiles per tile-model call (sets the peak memory)
     seed: int = 0  # seed of the random grid offsets
+    passes: int = 1  # grids averaged at each call, each at its own offset (tile calls × passes): fewer seams
+    passes_last: int = 0  # use the passes only in the sampler's last N steps (0: at every step)
 
 
 def _pair(value, name: str) -> tuple[int, int]:
@@ -135,6 +147,10 @@ def resolve_tiling(config: TilingConfig, model_tile) -> tuple[tuple[int, int], t
         raise TilingError(f"grid must be one of {', '.join(GRIDS)}, got {config.grid!r}")
     if not isinstance(config.batch, int) or config.batch < 1:
         raise TilingError(f"the tile batch must be a positive int, got {config.batch!r}")
+    if not isinstance(config.passes, int) or config.passes < 1:
+        raise TilingError(f"passes must be a positive int, got {config.passes!r}")
+    if not isinstance(config.passes_last, int) or config.passes_last < 0:
+        raise TilingError(f"passes_last must be an int >= 0 (0: every step), got {config.passes_last!r}")
     return tile, overlap
 
 
@@ -394,39 +410,55 @@ class TiledDenoiser:
         self.calls = 0  # denoiser calls so far
         self.tiles_done = 0  # tiles evaluated so far
         self._plans: dict[tuple, TilePlan] = {}
+        self.passes_below = math.inf  # calls at sigma <= this average `config.passes` grids (set_schedule)
+
+    def set_schedule(self, sigmas) -> None:
+        """The sampler's noise levels σ_0 > ... (> 0 or = 0 at the end): with `passes_last` N, only the
+        calls of the last N steps (σ ≤ σ_{n−N} of n steps) average `passes` grids."""
+        levels = [float(s) for s in sigmas]
+        n, steps = self.config.passes_last, len(levels) - 1
+        # float32 sigmas reach the denoiser: a relative margin keeps σ_{n−N} itself inside.
+        self.passes_below = math.inf if n == 0 or n >= steps else levels[steps - n] * (1 + 1e-5)
+
+    def passes_at(self, sigma: float) -> int:
+        """How many grids a call at noise level sigma averages."""
+        return self.config.passes if float(sigma) <= self.passes_below else 1
 
     @property
     def stride(self) -> tuple[int, int]:
         return self.tile[0] - self.overlap[0], self.tile[1] - self.overlap[1]
 
-    def grid_offset(self, sigma: float) -> tuple[int, int]:
+    def grid_offset(self, sigma: float, pass_index: int = 0) -> tuple[int, int]:
         """(dy, dx) in [0, stride) of the grid at noise level sigma: (0, 0) on a fixed grid; on a random
-        grid a draw keyed by the seed and sigma's float32 bits (a resumed run gets the same offsets)."""
-        if self.config.grid == "fixed":
+        grid a draw keyed by the seed and sigma's float32 bits (a resumed run gets the same offsets). The
+        extra passes (pass_index > 0) are always drawn, keyed by the pass too."""
+        if self.config.grid == "fixed" and pass_index == 0:
             return 0, 0
         bits = struct.unpack("<I", struct.pack("<f", float(sigma)))[0]
-        generator = torch.Generator().manual_seed(mix_seed(_GRID_STREAM, self.config.seed, bits))
+        key = (_GRID_STREAM, self.config.seed, bits) + ((pass_index,) if pass_index else ())
+        generator = torch.Generator().manual_seed(mix_seed(*key))
         dy = int(torch.randint(0, self.stride[0], (), generator=generator))
         dx = int(torch.randint(0, self.stride[1], (), generator=generator))
         return dy, dx
 
-    def plan(self, canvas_hw: tuple[int, int], sigma: float = 0.0) -> TilePlan:
-        """The tiles of an H×W canvas at noise level sigma."""
+    def plan(self, canvas_hw: tuple[int, int], sigma: float = 0.0, pass_index: int = 0) -> TilePlan:
+        """The tiles of an H×W canvas at noise level sigma (in pass `pass_index` of the call)."""
         check_tiling(canvas_hw, self.config, self.model)
-        offset = self.grid_offset(sigma)
-        key = (*canvas_hw, *offset)
+        offset = self.grid_offset(sigma, pass_index)
+        grid = self.config.grid if pass_index == 0 else "random"
+        key = (*canvas_hw, *offset, grid)
         if key not in self._plans:
-            if len(self._plans) >= 16:
+            if len(self._plans) >= 16 * self.config.passes:
                 self._plans.clear()
             c = self.config
-            rows, cols = (plan_axis(canvas_hw[a], self.tile[a], self.overlap[a], self.halo, offset[a], c.grid, c.wrap,
+            rows, cols = (plan_axis(canvas_hw[a], self.tile[a], self.overlap[a], self.halo, offset[a], grid, c.wrap,
                                     c.window) for a in (0, 1))
             self._plans[key] = TilePlan(rows, cols, offset)
         return self._plans[key]
 
     def count(self, canvas_hw: tuple[int, int], sigma: float = 0.0) -> int:
-        """Tiles of one canvas per call (on a random grid it varies by one row or column with sigma)."""
-        return self.plan(canvas_hw, sigma).count
+        """Tiles of one canvas per call, all passes (on a moved grid it varies by a row or column with sigma)."""
+        return sum(self.plan(canvas_hw, sigma, p).count for p in range(self.passes_at(sigma)))
 
     @torch.no_grad()
     def __call__(self, x, sigma, **cond):
@@ -436,8 +468,9 @@ class TiledDenoiser:
         reader = TensorReader(x) if tensor else x.reader()
         device, dtype = (x.device, x.dtype) if tensor else (self.device or torch.device("cpu"), torch.float32)
         sigmas = _per_canvas(sigma, B, dtype, device)  # (B,)
-        plans = [self.plan((H, W), s) for s in sigmas.tolist()]
-        tiles = ((b, k, j) for b in range(B) for k, j in plans[b].order())
+        # plans[b]: the grids canvas b averages at its sigma (one, or `passes`).
+        plans = [[self.plan((H, W), s, p) for p in range(self.passes_at(s))] for s in sigmas.tolist()]
+        tiles = ((b, plan, k, j) for b in range(B) for plan in plans[b] for k, j in plan.order())
         accumulators: list = []
         while batch := list(itertools.islice(tiles, self.config.batch)):
             # Denoise a batch of tile windows (halo included): x0 (and v) of the tiles' own pixels.
@@ -446,9 +479,11 @@ class TiledDenoiser:
                 accumulators = [_TensorAccumulator(x.shape, o.dtype, x.device) if tensor else x.new_accumulator()
                                 for o in outs]
             # Blend: add each tile times its normalised separable window, in a fixed order.
-            for n, (b, k, j) in enumerate(batch):
-                rows, cols = plans[b].rows, plans[b].cols
+            for n, (b, plan, k, j) in enumerate(batch):
+                rows, cols = plan.rows, plan.cols
                 weight = rows.factors[k][:, None] * cols.factors[j][None, :]  # (h, w) float64
+                if len(plans[b]) > 1:  # the mean of the passes (one pass: no factor, bit for bit untouched)
+                    weight = weight / len(plans[b])
                 for accumulator, o in zip(accumulators, outs):
                     tile_out = o[n].to(device=accumulator.device, dtype=accumulator.dtype)  # (C, h, w)
                     add_tile(accumulator, b, rows.outputs[k], cols.outputs[j],
@@ -461,12 +496,12 @@ class TiledDenoiser:
         return results if len(results) > 1 else results[0]
 
     def _denoise_tiles(self, reader, plans, batch, sigmas, canvas_hw, channels, dtype, device, cond):
-        """The tile model on the windows of `batch` [(canvas, tile row, tile col)]; a tuple of outputs."""
+        """The tile model on the windows of `batch` [(canvas, plan, tile row, tile col)]; a tuple of outputs."""
         (th, tw), halo = self.tile, self.halo
-        windows = [read_window(reader, b, plans[b].rows.inputs[k], plans[b].cols.inputs[j],
-                               (th + 2 * halo, tw + 2 * halo), channels, dtype, device) for b, k, j in batch]
-        index = torch.tensor([b for b, _, _ in batch])
-        boxes = [TileBox(b, plans[b].rows.starts[k], plans[b].cols.starts[j], th, tw, canvas_hw) for b, k, j in batch]
+        windows = [read_window(reader, b, plan.rows.inputs[k], plan.cols.inputs[j],
+                               (th + 2 * halo, tw + 2 * halo), channels, dtype, device) for b, plan, k, j in batch]
+        index = torch.tensor([b for b, _, _, _ in batch])
+        boxes = [TileBox(b, plan.rows.starts[k], plan.cols.starts[j], th, tw, canvas_hw) for b, plan, k, j in batch]
         tile_cond = {name: _per_tile(value, index, len(plans)) for name, value in cond.items()}
         out = self.model(torch.stack(windows), sigmas[index.to(sigmas.device)], boxes, **tile_cond)
         outs = out if isinstance(out, tuple) else (out,)

@@ -380,6 +380,7 @@ class Method(abc.ABC):
         if tiling is not None:
             self.check_tiling(height, width, tiling, net, options)
             denoiser = self.tiled_denoiser(net, options, guidance, tiling)
+            denoiser.set_schedule(sigmas)
         else:
             self.check_canvas(height, width)
             denoiser = self.denoiser(net, options)
