@@ -22,7 +22,8 @@ same call after an interruption goes on where it stopped:
   4. parameters and FLOPs (multiply-adds, DiT's convention) per image: one network evaluation, a
      training example (3 × the loss's forward: backward ≈ 2 × forward), a whole sampling run.
 The results are OUT/results.json (one record per entry, every figure as {"value", "unit"}, with the
-machine and the command), OUT/report.md and OUT/report.html (self-contained, images inlined), and the
+machine and the command), OUT/report.md (linking the images beside it), OUT/report.html (self-contained,
+images inlined), and the
 seed papers' headline claims judged from these figures by each method class (`comparison_claims`).
 
 A record (results.json "entries" -> label -> record), what `Method.comparison_claims` reads:
@@ -1082,6 +1083,11 @@ def make_plots(out_dir: Path, results: dict) -> dict[str, Path]:
     return plots
 
 
+def _relative(out_dir: Path, path: Path) -> str:
+    """A path inside out_dir as the markdown report links it (the report can move with its folder)."""
+    return Path(path).resolve().relative_to(Path(out_dir).resolve()).as_posix()
+
+
 def _data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
 
@@ -1146,20 +1152,20 @@ def report_markdown(out_dir: Path, results: dict, plots: dict) -> str:
     for c in results["claims"]:
         md.append(f"| {c['method']} | {c['claim']} | {c['test']} | **{c['verdict']}** | {c['evidence']} |")
     md += ["", "Caveats:", ""] + [f"- {c}" for c in parts["caveats"]]
-    md += ["", "## Quality against training CPU time", "", f"![curves]({_data_uri(plots['curves'])})", "",
-           "## Sampling time and memory", "", f"![costs]({_data_uri(plots['costs'])})", "",
+    md += ["", "## Quality against training CPU time", "", f"![curves]({_relative(out_dir, plots['curves'])})", "",
+           "## Sampling time and memory", "", f"![costs]({_relative(out_dir, plots['costs'])})", "",
            "## Samples (first 64 of the evaluation seeds) and real held-out images", ""]
     for label, r in results["entries"].items():
         md += [f"**{label}** (SWD {r['quality']['swd']['value']:.1f})", "",
-               f"![{label}]({_data_uri(out_dir / r['images']['samples'])})", ""]
-    md += ["**real (held out)**", "", f"![real]({_data_uri(out_dir / 'real.png')})", "",
+               f"![{label}]({r['images']['samples']})", ""]
+    md += ["**real (held out)**", "", f"![real]({'real.png'})", "",
            f"## One {results['settings']['large_size'][1]}x{results['settings']['large_size'][0]} canvas per entry", ""]
     for label, r in results["entries"].items():
         t = r["seams"]["tiling"]
         md += [f"**{label}** (tiles {t['tile'][1]}x{t['tile'][0]}, overlap {t['overlap'][1]}, {t['window']} window, "
                f"{t['grid']} grid; seam {r['seams']['at_grid']['value']:.3f} on the grid, "
                f"{r['seams']['worst']['value']:.3f} worst; real {r['seams']['real_at_grid']['value']:.3f} / "
-               f"{r['seams']['real_worst']['value']:.3f})", "", f"![{label} large]({_data_uri(out_dir / r['images']['large'])})", ""]
+               f"{r['seams']['real_worst']['value']:.3f})", "", f"![{label} large]({r['images']['large']})", ""]
     md += ["## How it was made", "", f"`{results['command']}`"]
     if results.get("resumed_with"):
         md += ["", f"(resumed with `{results['resumed_with']}`)"]

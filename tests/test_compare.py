@@ -2,6 +2,7 @@
 the comparison networks' sizes, and the claim verdicts on hand-made records."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -86,8 +87,10 @@ def test_two_method_comparison_writes_results_and_reports(tmp_path):
     assert on_disk["size_match"]["parameters"]["max_over_min"] >= 1
     assert any(c["method"] == "patch_ddpm" for c in on_disk["claims"])
     md, html = (out / "report.md").read_text(), (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "data:image" not in md  # html self-contained, md links files
+    for link in re.findall(r"!\[[^]]*\]\(([^)]+)\)", md):
+        assert (out / link).is_file(), link  # every image the markdown shows lies beside it
     for report in (md, html):
-        assert "data:image/png;base64," in report  # self-contained: images inlined
         assert "patch_ddpm" in report and "full" in report and "SWD" in report
         assert "halve the peak sampling memory" in report  # the claims section
     assert "<table>" in html and "| entry |" in md
