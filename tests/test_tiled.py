@@ -302,8 +302,10 @@ def test_passes_average_the_grids_at_their_own_offsets(grid):
             one.grid_offset = lambda s, pass_index=0, offset=offset: offset  # this pass's grid alone
             expected[b:b + 1] += one(x[b:b + 1], float(sigma[b])) / 3
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
-    offsets = {tiled.grid_offset(1.5, p) for p in range(3)}
-    assert len(offsets) == 3  # three different grids
+    # Three grids spread over the stride (12, 18): moved on by about a third of it each, in steps coprime
+    # with the stride (5 of 12, 7 of 18; 4 and 6 would share factors with them).
+    (dy, dx), *others = [tiled.grid_offset(1.5, p) for p in range(3)]
+    assert others == [((dy + 5) % 12, (dx + 7) % 18), ((dy + 10) % 12, (dx + 14) % 18)]
     if grid == "fixed":
         assert tiled.grid_offset(1.5, 0) == (0, 0)
     # An elementwise model is still reproduced exactly: each pass is a partition of unity.
@@ -334,3 +336,14 @@ def test_passes_last_limits_the_passes_to_the_last_steps_and_the_tile_count_foll
     single = TiledDenoiser(model, TilingConfig(overlap=(4, 6), grid="random", seed=1, passes=1, passes_last=3))
     single.set_schedule(sigmas)
     assert torch.equal(single(x, 0.8), plain)
+
+
+def test_pass_steps_are_near_a_kth_of_the_stride_and_reach_every_phase_of_a_patch_grid():
+    from patchdiffusion.diffusion.tiled import _pass_step
+
+    assert [_pass_step(24, k) for k in (2, 3, 4, 6)] == [13, 7, 7, 5]
+    assert _pass_step(32, 4) == 9 and _pass_step(1, 4) == 1
+    for patch in (2, 4, 8):  # 4 passes at stride 24 or 32 see every phase of a 2, 4 or 8 px patch grid
+        for stride in (24, 32):
+            phases = {(p * _pass_step(stride, 4)) % stride % patch for p in range(4)}
+            assert len(phases) == min(patch, 4), (patch, stride)

@@ -25,14 +25,18 @@ mirrored (without repeating the edge) within that grid extension and as zeros in
 With `wrap` the canvas is a torus: reads, writes and the offset wrap around, so the output tiles with
 itself.
 
-`passes` K > 1 averages K fused estimates per call, each from the grid at its own offset (the first at
-the grid's own, the others random, keyed by seed, σ and pass):
+`passes` K > 1 averages K fused estimates per call, each from the grid moved on from the call's own
+offset by p steps of about stride/K (the nearest step coprime with the stride):
 
-    D(x; σ) = (1/K) Σ_p D_p(x; σ)
+    D(x; σ) = (1/K) Σ_p D_p(x; σ),   offset_p = offset_0 + p · step  (mod stride)
 
-so a tile boundary of one grid lies inside the tiles of the others and boundary artefacts (and a
-model's own patch borders within a tile) are averaged away, at K times the tile calls. `passes_last`
-N limits that to the calls of the sampler's last N steps (`set_schedule` tells the denoiser the noise
+so a tile boundary of one grid lies inside the tiles of the others and boundary artefacts are averaged
+away, at K times the tile calls. A step coprime with the stride also puts the passes on different
+phases of a network's own patch grid inside a tile (Luhman's 2×2 patches, DiMR's 4×4: with a stride
+of 24 and K = 4, a step of 6 would give 4×4 patches two phases of four, a step of 7 gives all four).
+Independent random offsets per pass could share a line, as a random grid alone lets a few late steps
+do by chance (3 of 20 DDPM steps in one measured canvas, which left faint lines). `passes_last` N
+limits the passes to the calls of the sampler's last N steps (`set_schedule` tells the denoiser the noise
 levels), where the image's fine detail, and its seams, are decided.
 """
 
@@ -120,7 +124,7 @@ class TilingConfig:
     wrap: bool = False  # circular canvas: tiles cross the edges, the output tiles with itself
     batch: int = 4  # tiles per tile-model call (sets the peak memory)
     seed: int = 0  # seed of the random grid offsets
-    passes: int = 1  # grids averaged at each call, each at its own offset (tile calls × passes): fewer seams
+    passes: int = 1  # grids averaged at each call, moved by 1/passes of the stride (tile calls × passes): fewer seams
     passes_last: int = 0  # use the passes only in the sampler's last N steps (0: at every step)
 
 
@@ -430,15 +434,19 @@ class TiledDenoiser:
 
     def grid_offset(self, sigma: float, pass_index: int = 0) -> tuple[int, int]:
         """(dy, dx) in [0, stride) of the grid at noise level sigma: (0, 0) on a fixed grid; on a random
-        grid a draw keyed by the seed and sigma's float32 bits (a resumed run gets the same offsets). The
-        extra passes (pass_index > 0) are always drawn, keyed by the pass too."""
-        if self.config.grid == "fixed" and pass_index == 0:
-            return 0, 0
-        bits = struct.unpack("<I", struct.pack("<f", float(sigma)))[0]
-        key = (_GRID_STREAM, self.config.seed, bits) + ((pass_index,) if pass_index else ())
-        generator = torch.Generator().manual_seed(mix_seed(*key))
-        dy = int(torch.randint(0, self.stride[0], (), generator=generator))
-        dx = int(torch.randint(0, self.stride[1], (), generator=generator))
+        grid a draw keyed by the seed and sigma's float32 bits (a resumed run gets the same offsets). Pass
+        p > 0 of a call moves the grid on by p/K of the stride (K = passes)."""
+        sy, sx = self.stride
+        if self.config.grid == "fixed":
+            dy = dx = 0
+        else:
+            bits = struct.unpack("<I", struct.pack("<f", float(sigma)))[0]
+            generator = torch.Generator().manual_seed(mix_seed(_GRID_STREAM, self.config.seed, bits))
+            dy = int(torch.randint(0, sy, (), generator=generator))
+            dx = int(torch.randint(0, sx, (), generator=generator))
+        if pass_index:
+            step_y, step_x = (_pass_step(s, self.config.passes) for s in (sy, sx))
+            dy, dx = (dy + pass_index * step_y) % sy, (dx + pass_index * step_x) % sx
         return dy, dx
 
     def plan(self, canvas_hw: tuple[int, int], sigma: float = 0.0, pass_index: int = 0) -> TilePlan:
@@ -510,6 +518,13 @@ class TiledDenoiser:
                 raise ValueError(f"the tile model returned {tuple(o.shape)} for {len(batch)} tiles "
                                  f"of {channels}x{th}x{tw}")
         return outs
+
+
+def _pass_step(stride: int, passes: int) -> int:
+    """The integer nearest stride / passes that is coprime with the stride (the larger on a tie)."""
+    target = stride / passes
+    candidates = [s for s in range(1, stride + 1) if math.gcd(s, stride) == 1]
+    return min(candidates, key=lambda s: (abs(s - target), -s))
 
 
 def _per_canvas(sigma, batch: int, dtype, device) -> torch.Tensor:
