@@ -207,10 +207,11 @@ def args_step(period: int) -> int:
 
 
 def sample_setting(run: Path, out: Path, size: tuple[int, int], window: str, grid: str, seeds: int, wrap=False,
-                   steps: int | None = None) -> tuple[list[Path], float]:
+                   steps: int | None = None, passes: tuple[int, int] = (1, 0)) -> tuple[list[Path], float]:
     height, width = size
     argv = ["sample", "--run", str(run), "--size", f"{width}x{height}", "--num", str(seeds), "--window", window,
-            "--grid", grid, "--tile-batch", "32", "--out", str(out), "--no-progress"]
+            "--grid", grid, "--tile-batch", "32", "--out", str(out), "--no-progress",
+            "--passes", str(passes[0]), "--passes-last", str(passes[1])]
     if steps:
         argv += ["--steps", str(steps)]
     if wrap:
@@ -250,8 +251,12 @@ def part_seams(args, argv) -> int:
         tile = method.native_tile[0]
         settings = {}
         windows = WINDOWS if default.overlap != (0, 0) else ("uniform",)  # no overlap: nothing to blend
+        earlier = report["methods"].get(name, {}).get("settings", {}) if args.reuse_sweep else {}
         for window in windows:
             for grid in GRIDS:
+                if f"{window}/{grid}" in earlier:  # one grid per call: unchanged by the passes
+                    settings[f"{window}/{grid}"] = earlier[f"{window}/{grid}"]
+                    continue
                 folder = canvases / name / f"{window}-{grid}"
                 paths, seconds = sample_setting(run, folder, study, window, grid, args.seeds, steps=steps)
                 stride = tile - (default.overlap[0] if default.overlap is not None else tile // 4)
@@ -261,16 +266,36 @@ def part_seams(args, argv) -> int:
                       file=sys.stderr)
         best = min(settings, key=lambda k: settings[k]["worst"])
         window, grid = best.split("/")
+        # When the best misses the target: the best window and grid with several grids averaged per call
+        # (diffusion/tiled.py, passes), cheapest first, until one reaches it; the lowest is kept.
+        chosen = best
+        for k, last in args.pass_settings:
+            if settings[chosen]["worst"] <= SEAM_TARGET:
+                break
+            key = f"{best} x{k} passes" + (f" last {last}" if last else "")
+            folder = canvases / name / f"{window}-{grid}-passes{k}-{last}"
+            paths, seconds = sample_setting(run, folder, study, window, grid, args.seeds, steps=steps,
+                                            passes=(k, last))
+            stride = settings[best]["period"]
+            profile = seam_profile(torch.cat([to_255(p) for p in paths]), stride, step=args_step(stride)).as_dict()
+            settings[key] = {**profile, "seconds": seconds, "period": stride, "passes": k, "passes_last": last}
+            print(f"{name} {key}: on-grid {profile['at_grid']:.3f} worst {profile['worst']:.3f}", file=sys.stderr)
+            if profile["worst"] < settings[chosen]["worst"]:
+                chosen = key
+        passes = (settings[chosen].get("passes", 1), settings[chosen].get("passes_last", 0))
         folder = canvases / name / "big"
-        paths, seconds = sample_setting(run, folder, big, window, grid, 1, steps=steps)
+        paths, seconds = sample_setting(run, folder, big, window, grid, 1, steps=steps, passes=passes)
         stride = settings[best]["period"]
         profile = seam_profile(to_255(paths[0]), stride, step=args_step(stride)).as_dict()
-        image = Path("docs/images") / f"any_size_{name}.png"
+        image = Path("docs/images") / f"any_size_{name}.jpg"  # JPEG q95: the docs show it (scored from the PNG)
         image.parent.mkdir(parents=True, exist_ok=True)
-        image.write_bytes(paths[0].read_bytes())
+        from PIL import Image
+
+        Image.open(paths[0]).convert("RGB").save(image, quality=95)
         # A seamless texture: a wrapped canvas, scored across its wrap edge (rolled by half a canvas, the
         # edge comes to the middle, where a period of the canvas size puts one boundary line per axis).
-        wrap_paths, _ = sample_setting(run, canvases / name / "wrap", study, window, grid, 1, wrap=True, steps=steps)
+        wrap_paths, _ = sample_setting(run, canvases / name / "wrap", study, window, grid, 1, wrap=True, steps=steps,
+                                       passes=passes)
         wrapped = to_255(wrap_paths[0])
         rolled = torch.roll(wrapped, shifts=(study[0] // 2, study[1] // 2), dims=(2, 3))
         from patchdiffusion.eval.seam import seam_score
@@ -280,7 +305,7 @@ def part_seams(args, argv) -> int:
             report["real"][str(stride)] = real_profile(study, stride, 16)
         real = report["real"][str(stride)]
         report["methods"][name] = dict(
-            sampler=sampler, steps=steps, tile=tile, period=stride, settings=settings, best=best, canvas=str(image),
+            sampler=sampler, steps=steps, tile=tile, period=stride, settings=settings, best=chosen, canvas=str(image),
             canvas_profile=profile, canvas_seconds=seconds, wrap_seam=across_wrap, real=real,
             passed=profile["worst"] <= SEAM_TARGET and across_wrap <= SEAM_TARGET)
         print(f"{name}: best {best}, {big[1]}x{big[0]} worst-offset seam {profile['worst']:.3f} (real crops "
@@ -381,6 +406,13 @@ def plot(report: dict, path: str) -> None:
     plt.close(fig)
 
 
+def _pass_settings(text: str) -> list[tuple[int, int]]:
+    try:
+        return [(int(k), int(n)) for k, n in (item.split(":") for item in text.split(",") if item)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K:N[,K:N...], got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="patchdiff bench any-size", description=__doc__,
@@ -399,6 +431,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--study-size", default="384x256", help="seams: canvas of the window × grid sweep")
     parser.add_argument("--size", default="1536x1024", help="seams: the big canvas (WxH); gigapixel: the side")
     parser.add_argument("--seeds", type=int, default=2, help="seams: canvases per setting")
+    parser.add_argument("--reuse-sweep", action="store_true",
+                        help="seams: keep the window x grid figures of the last results for the same models")
+    parser.add_argument("--pass-settings", type=_pass_settings, default=[(4, 2), (4, 5), (4, 0)],
+                        help="seams: K:N grids averaged in the last N steps (0: all), tried on the best window and "
+                             "grid when it misses the target, comma-separated (default 4:2,4:5,4:0; '' for none)")
     parser.add_argument("--kill-after", type=float, default=0, help="gigapixel: SIGKILL the first run after S s")
     parser.add_argument("--kill-after-checkpoint", type=float, default=0,
                         help="gigapixel: SIGKILL the first run S s after its first step checkpoint (inside a step)")

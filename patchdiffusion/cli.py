@@ -290,7 +290,7 @@ def cmd_sample(args, extra: list[str]) -> int:
 
         loaded = load_run(args.run, resolve_device(args.device), False if args.no_ema else None)
         tiling = tiling_config(loaded.method, args.tile, args.overlap, args.window, args.grid,
-                               True if args.wrap else None, args.tile_batch, seed=args.seed, passes=args.passes,
+                               True if args.wrap else None, args.tile_batch, passes=args.passes,
                                passes_last=args.passes_last)
         paths = generate_canvases(args.run, out, tiling=tiling, storage=args.canvas or "auto",
                                   image_format=args.format or "png", checkpoint_every=args.checkpoint_every or 1,

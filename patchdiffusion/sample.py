@@ -219,7 +219,8 @@ def generate_canvases(
     loaded: LoadedRun | None = None,
     **options,
 ) -> list[Path]:
-    """Write `num` canvases of width × height (canvas i from seed + i) made of tiles of the model's size,
+    """Write `num` canvases of width × height (canvas i from seed + i: its noise and its moving tile grid)
+    made of tiles of the model's size,
     with the canvas in memory or on disk (`storage`: auto | memory | disk) and the image streamed out
     (`image_format`: png, or tiff for a tiled BigTIFF). Each canvas is a resumable job: killed and run
     again with the same arguments, it continues from its last checkpoint (every `checkpoint_every`
@@ -262,7 +263,10 @@ def generate_canvases(
         rng = image_rng([image_seed], device)
         labels = None if class_label is None else torch.full((1,), int(class_label), dtype=torch.long)
         cond = method.sampling_condition(net, rng, labels, method_options)
-        denoiser = method.tiled_denoiser(net, method_options, guidance, tiling, device=device)
+        # The moving grid's offsets are keyed by the image's own seed, like its noise: canvas i is the same
+        # whatever --num, and two canvases never share their grids' lines.
+        image_tiling = dataclasses.replace(tiling, seed=image_seed)
+        denoiser = method.tiled_denoiser(net, method_options, guidance, image_tiling, device=device)
         path = out_dir / f"{image_seed:06d}.{image_format}"
 
         def save(x, path=path):
