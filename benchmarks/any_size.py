@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import machine_info, write_results
+from benchmarks.common import bench_parser, machine_info, save_figure, write_results
 
 RESULTS = Path("benchmarks/results")
 METHODS = ("full", "patching", "patch_diffusion", "patch_ddpm", "patch_dm", "dimr")
@@ -401,9 +401,7 @@ def plot(report: dict, path: str) -> None:
         ax.set_ylabel("peak RSS (MiB)")
         ax.set_ylim(bottom=0)
         ax.set_title(f"peak RSS, canvas on disk: ×{memory['ratio']:.2f}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _pass_settings(text: str) -> list[tuple[int, int]]:
@@ -415,8 +413,7 @@ def _pass_settings(text: str) -> list[tuple[int, int]]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="patchdiff bench any-size", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser("any-size", __doc__)
     parser.add_argument("part", choices=("memory", "seams", "gigapixel"))
     parser.add_argument("--work", default="runs/any_size", help="where the models are trained (reused)")
     parser.add_argument("--canvas-folder", help="where canvases are written (default: a temp folder)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -87,3 +88,18 @@ def peak_memory(device) -> int:
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device)
     return proc_status_kib("VmHWM")["VmHWM"] * 1024
+
+
+def bench_parser(name: str, doc: str) -> argparse.ArgumentParser:
+    """The argument parser of `patchdiff bench NAME`, its module docstring as the help text."""
+    return argparse.ArgumentParser(prog=f"patchdiff bench {name}", description=doc,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def save_figure(fig, path, dpi: int | None = None) -> None:
+    """Lay out, write and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, **({"dpi": dpi} if dpi else {}))
+    plt.close(fig)

@@ -15,7 +15,6 @@ Writes DIR/data_loading.json and DIR/data_loading.png.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import machine_info, write_results
+from benchmarks.common import bench_parser, machine_info, save_figure, write_results
 
 NET = ["model.net.model_channels=16", "model.net.channel_mult=[1,2,2]", "model.net.num_res_blocks=1",
        "model.net.attention_resolutions=[]"]
@@ -79,14 +78,11 @@ def plot(report: dict, path: str) -> None:
     ax.set_ylabel("training steps / s")
     ax.set_title(f"{report['batch']} PNGs of {report['side']}² decoded per step: ×{report['speedup']:.2f}",
                  fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="patchdiff bench data-loading", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser("data-loading", __doc__)
     parser.add_argument("--steps", type=int, default=40, help="training steps per run (default 40)")
     parser.add_argument("--warmup", type=int, default=5, help="steps excluded from the rate (default 5)")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each setting, alternating (default 2)")

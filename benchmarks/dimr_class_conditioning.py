@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import machine_info, write_results
+from benchmarks.common import machine_info, save_figure, write_results
 from patchdiffusion import run as runs
 from patchdiffusion.config import RunConfig, apply_overrides
 from patchdiffusion.rng import SampleRNG, mix_seed
@@ -164,9 +164,7 @@ def plot(report: dict, path: str, grids: dict[str, torch.Tensor]) -> None:
     fig.suptitle(f"dimr-tiny on builtin:digits {RESOLUTION}², {t['steps']} steps × batch 32 "
                  f"({report['config']['parameters'] / 1e6:.2f}M parameters, CPU, 1 thread); "
                  f"{report['config']['steps']} DPM-Solver++(2M) steps", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from benchmarks.common import machine_info, write_results
+from benchmarks.common import machine_info, save_figure, write_results
 from patchdiffusion.config import TrainConfig
 from patchdiffusion.methods.dimr import DiMRConfig, DiMRMethod
 from patchdiffusion.nets.dimr import complexity, dimr_config
@@ -187,9 +187,7 @@ def plot(report: dict, path: str, grids: dict, real: torch.Tensor) -> None:
     fig.suptitle(f"DiMR-tiny vs U-Net, same recipe and budget: {c['steps']} steps × batch {c['batch']} on builtin:digits "
                  f"{c['resolution']}², {c['samples']} samples with {c['sample_steps']} DPM-Solver++(2M) steps (CPU, 1 thread)",
                  fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,7 +33,9 @@ import time
 
 import torch
 
-from benchmarks.common import machine_info, peak_memory, run_in_fresh_process, start_working_memory, write_results
+from benchmarks.common import (
+    machine_info, peak_memory, run_in_fresh_process, save_figure, start_working_memory, write_results,
+)
 
 DIVIDERS = (1, 2, 4, 8)
 CASES = (("16×128²", 16, 128), ("1×256²", 1, 256), ("1×512²", 1, 512))  # (name, batch, side)
@@ -171,9 +173,7 @@ def plot(report: dict, path: str) -> None:
     m, c = report["machine"], report["config"]
     fig.suptitle(f"Patch-based DDPM sampling memory — U-Net dim {c['dim']}, mults {c['dim_mults']}; {m['device']}, "
                  f"{c['threads']} thread(s)", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:

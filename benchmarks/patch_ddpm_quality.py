@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from benchmarks.common import machine_info, write_results
+from benchmarks.common import machine_info, save_figure, write_results
 
 RESOLUTION = 32
 VARIANTS = {  # name -> (patch_divider, gcc)
@@ -173,9 +173,7 @@ def plot(report: dict, path: str) -> None:
     c = report["config"]
     fig.suptitle(f"Patch-based DDPM in miniature: builtin textures {RESOLUTION}², {c['train_steps']} steps each, "
                  f"{c['num_images']} samples (ddpm, {c['sample_steps']} steps)", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,7 +34,8 @@ import time
 import torch
 
 from benchmarks.common import (
-    machine_info, peak_memory, proc_status_kib, run_in_fresh_process, start_working_memory, write_results,
+    bench_parser, machine_info, peak_memory, proc_status_kib, run_in_fresh_process, save_figure,
+    start_working_memory, write_results,
 )
 
 SIDES = (256, 1024, 4096)
@@ -194,14 +195,11 @@ def plot(report: dict, path: str) -> None:
     fig.suptitle(f"Patch-DM canvas sampling memory — preset {c['preset']} (model_channels "
                  f"{c['channels'] or 'as preset'}, guidance {c['guidance']}), patch batch {c['patch_batch']}; "
                  f"{m['device']}, {c['threads']} thread(s)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="patchdiff bench patch-dm-memory", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser("patch-dm-memory", __doc__)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--sides", type=int, nargs="+", default=list(SIDES))
     parser.add_argument("--steps", type=int, default=1, help="DDIM steps walked per case (memory peaks in the first)")

@@ -23,7 +23,6 @@ Writes DIR/patch_dm_seams.json and .png (samples of both runs, and the scores).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -31,7 +30,7 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.common import machine_info, write_results
+from benchmarks.common import bench_parser, machine_info, save_figure, write_results
 
 
 def sample_run(run: str, size: tuple[int, int], num: int, steps: int, guidance: float, positions: str | None,
@@ -161,14 +160,11 @@ def plot(report: dict, path: str) -> None:
     fig.suptitle(f"Patch-DM: {c['size'][1]}x{c['size'][0]} canvases from a model trained on "
                  f"{c['training_resolution'][1]}x{c['training_resolution'][0]} images ({c['steps']} DDIM steps, "
                  f"guidance {c['guidance']}); red: the 1.05 target", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="patchdiff bench patch-dm-seams", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser("patch-dm-seams", __doc__)
     parser.add_argument("--collage-run", required=True, help="a patch_dm run trained with the collage")
     parser.add_argument("--plain-run", required=True, help="the same recipe with model.collage=false")
     parser.add_argument("--size", help="canvas N or WxH (default: 4× the training size per side)")

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import machine_info, write_results
+from benchmarks.common import machine_info, save_figure, write_results
 
 RESOLUTION = 32
 TRAIN_SET = "builtin:textures"             # 1000 images
@@ -247,9 +247,7 @@ def plot(report: dict, path: str) -> None:
         f"{claims['a_swd_ratio_pd_over_full']:.2f}, (b) time ratio {'not reached' if ratio is None else round(ratio, 2)}"
         f" (staying below),\n(c) 5% subset SWD pd {claims['c_subset_swd_pd']:.0f} vs full {claims['c_subset_swd_full']:.0f}"
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from benchmarks.common import machine_info, write_results
+from benchmarks.common import machine_info, save_figure, write_results
 from patchdiffusion.methods.base import StepPlan, TrainBatch
 from patchdiffusion.methods.full import FullConfig, FullImageMethod
 from patchdiffusion.methods.patch_diffusion import PatchDiffusionConfig, PatchDiffusionMethod, batch_multiplier
@@ -231,9 +231,7 @@ def plot(report: dict, path: str) -> None:
     m = report["machine"]
     fig.suptitle(f"Patch Diffusion training throughput vs full-image training, {RESOLUTION}², "
                  f"{m['device']} ({m['cpu_count']} cores, {m['torch_threads']} threads)", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:

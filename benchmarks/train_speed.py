@@ -28,9 +28,7 @@ its own metrics.jsonl, to compare with the bench's loop step.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import math
 import os
 import statistics
@@ -43,7 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import machine_info, write_results
+from benchmarks.common import bench_parser, machine_info, save_figure, write_results
 
 # The demo's network and batch (patchdiffusion/demo.py): 32 channels, mult 1-2-2, 2 res blocks, attention at 8x8,
 # batch 16 at 32x32. Everything else is train's default.
@@ -473,14 +471,11 @@ def plot(report: dict, path: str) -> None:
                  f"{machine.get('torch_threads')} thread(s), load average {report['load_average_1min_before']:.1f}"
                  f"-{report['load_average_1min_after']:.1f}; matmul peak {report['matmul_peak_gflops']:.0f} GFLOP/s",
                  fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="patchdiff bench train-speed", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser("train-speed", __doc__)
     parser.add_argument("--compile", default="off,on", help="arms to run: off, on or off,on (default off,on)")
     parser.add_argument("--steps", type=int, default=12, help="alternating steps of each kind per arm (default 12)")
     parser.add_argument("--warmup", type=int, default=None,

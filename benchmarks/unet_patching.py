@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from benchmarks.common import machine_info, write_results
+from benchmarks.common import machine_info, save_figure, write_results
 from torch.utils.flop_counter import FlopCounterMode
 
 from patchdiffusion.nets import UNetConfig, build_unet, count_parameters
@@ -190,9 +190,7 @@ def plot(report: dict, path: str) -> None:
         f" FLOPs {s['flops_ratio_a_over_b']:.3f}",
         fontsize=10,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:
