@@ -326,13 +326,17 @@ def part_gigapixel(args, argv) -> int:
     sample = ["sample", "--run", str(run), "--size", f"{args.size}x{args.size}", "--num", "1", "--steps",
               str(args.steps), "--format", "tiff", "--canvas", "disk", "--checkpoint-every", "1",
               "--tile-batch", str(args.tile_batch), "--overlap", str(args.overlap), "--out", str(out), "--no-progress"]
-    attempts = []
-    if args.kill_after or args.kill_after_checkpoint:
+    # Attempts are kept in OUT/attempts.json: a bench stopped between the kill and the resume (its own
+    # kill, a full disk) continues with the resume when run again.
+    record = out / "attempts.json"
+    attempts = json.loads(record.read_text()) if record.is_file() and (out / ".job-000000").is_dir() else []
+    if not attempts and (args.kill_after or args.kill_after_checkpoint):
         job = (out / ".job-000000", args.kill_after_checkpoint) if args.kill_after_checkpoint else None
         attempts.append(run_watched(sample, kill_after=args.kill_after or None, threads=args.threads,
                                     kill_after_checkpoint=job))
         print(f"killed after {attempts[-1]['seconds']:.0f} s (peak RSS {attempts[-1]['peak_rss_bytes'] / 2**20:.0f} MiB)",
               file=sys.stderr)
+        record.write_text(json.dumps(attempts))
     attempts.append(run_watched(sample, threads=args.threads))
     final = attempts[-1]
     if final["returncode"] != 0:
@@ -351,7 +355,7 @@ def part_gigapixel(args, argv) -> int:
         size=[args.size, args.size], megapixels=pixels / 1e6, steps=args.steps, tiff=str(tiff), tiff_shape=list(shape),
         tiff_tile=tile, tiff_bytes=tiff.stat().st_size, attempts=attempts, resumed_at_step=int(resumed.group(1))
         if resumed else None, wall_seconds=total, megapixels_per_second_per_step=pixels / 1e6 * args.steps / total,
-        peak_rss_bytes=max(a["peak_rss_bytes"] for a in attempts), corner=None if corner is None else corner.tolist()),
+        peak_rss_bytes=max(a["peak_rss_bytes"] or 0 for a in attempts), corner=None if corner is None else corner.tolist()),
         argv)
     print(f"{args.size}² in {total / 60:.1f} min ({pixels / 1e6 * args.steps / total:.2f} MP·steps/s), "
           f"resumed at step {resumed.group(1) if resumed else '-'}; {tiff} {shape}")

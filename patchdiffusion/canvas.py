@@ -761,6 +761,20 @@ def choose_storage(shape, sampler: str, options: dict | None = None, storage: st
     return "memory" if need <= MEMORY_FRACTION * available_memory_bytes() else "disk"
 
 
+def allocated_bytes(folder: str | Path) -> int:
+    """Bytes the files below `folder` occupy on disk (each hard-linked file once, sparse holes excluded)."""
+    seen, total = set(), 0
+    for path in Path(folder).rglob("*"):
+        try:
+            st = path.lstat()
+        except OSError:
+            continue
+        if path.is_file() and (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            total += st.st_blocks * 512
+    return total
+
+
 def check_disk_space(folder: str | Path, need: int, what: str) -> None:
     """Raise one CanvasError line when `folder` has less than `need` bytes free."""
     free = free_disk_bytes(folder)
@@ -955,6 +969,11 @@ def sample_canvas(
         need(job, 2 * (1 + (1 if history_arg else 0)) * canvas_bytes, "the checkpoints")
     if output_folder is not None:
         need(output_folder, B * H * W * 3, "the images")
+    if job is not None and Path(job).is_dir():
+        # A resumed job's files are already on disk: its checkpoint is adopted as x, the rest is removed.
+        entry = needs.get(str(os.stat(_existing(Path(job))).st_dev))
+        if entry is not None:
+            entry[1] = max(0, entry[1] - allocated_bytes(job))
     for where, size, what in needs.values():
         check_disk_space(where, size, " and ".join(what))
 

@@ -212,6 +212,31 @@ def test_storage_choice_and_disk_space_checks(tmp_path, monkeypatch):
         sample_canvas("ddim", denoiser, (1, 3, 16, 64), edm_sigmas(2), storage="memory")
 
 
+def test_a_resumed_job_counts_its_own_files_as_space(tmp_path, monkeypatch):
+    """The disk check of a rerun credits what the job folder already holds (its checkpoint becomes x, the
+    rest is removed): a job that fitted when it started is not refused on resume."""
+    from patchdiffusion.canvas import allocated_bytes
+
+    job = tmp_path / "job"
+    (job / "scratch").mkdir(parents=True)
+    (job / "scratch" / "a.f32").write_bytes(b"\1" * 2**20)
+    (job / "step-000001").mkdir()
+    os.link(job / "scratch" / "a.f32", job / "step-000001" / "x.f32")  # a hard link counts once
+    held = allocated_bytes(job)
+    assert 2**20 <= held < 2**20 + 2**16
+    shape, sigmas = (1, 3, 256, 256), edm_sigmas(2)
+    canvas_bytes = 3 * 256 * 256 * 4
+    denoiser = TiledDenoiser(ConvTiles(tile=(32, 32)))
+    # ddim on disk with a job: 5 canvases (x, denoised, the result, a checkpoint's x and its successor).
+    free = 5 * canvas_bytes - held // 2
+    monkeypatch.setattr(canvas_module, "free_disk_bytes", lambda folder: free)
+    with pytest.raises(CanvasError, match="not enough disk space"):
+        sample_canvas("ddim", denoiser, shape, sigmas, storage="disk", job=tmp_path / "fresh")
+    monkeypatch.setattr(canvas_module, "_Job", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("checked")))
+    with pytest.raises(RuntimeError, match="checked"):  # the space check passed: the job would open now
+        sample_canvas("ddim", denoiser, shape, sigmas, storage="disk", job=job)
+
+
 # ----------------------------------------------------------------------------------------------
 # Resumable jobs.
 
