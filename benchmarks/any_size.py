@@ -284,9 +284,20 @@ def part_seams(args, argv) -> int:
                 chosen = key
         passes = (settings[chosen].get("passes", 1), settings[chosen].get("passes_last", 0))
         folder = canvases / name / "big"
-        paths, seconds = sample_setting(run, folder, big, window, grid, 1, steps=steps, passes=passes)
         stride = settings[best]["period"]
-        profile = seam_profile(to_255(paths[0]), stride, step=args_step(stride)).as_dict()
+        big_tries = {}
+        # The big canvas with the chosen setting; while it misses the target, with the next costlier passes
+        # (a small study can pass where the big canvas does not).
+        order = list(args.pass_settings)  # cheapest first
+        for passes in [passes] + (order[order.index(passes) + 1:] if passes in order else order):
+            paths, seconds = sample_setting(run, folder / f"passes{passes[0]}-{passes[1]}", big, window, grid, 1,
+                                            steps=steps, passes=passes)
+            profile = seam_profile(to_255(paths[0]), stride, step=args_step(stride)).as_dict()
+            big_tries[f"x{passes[0]} passes" + (f" last {passes[1]}" if passes[1] else "")] = profile["worst"]
+            print(f"{name} {big[1]}x{big[0]} x{passes[0]} passes last {passes[1]}: worst {profile['worst']:.3f}",
+                  file=sys.stderr)
+            if profile["worst"] <= SEAM_TARGET:
+                break
         image = Path("docs/images") / f"any_size_{name}.jpg"  # JPEG q95: the docs show it (scored from the PNG)
         image.parent.mkdir(parents=True, exist_ok=True)
         from PIL import Image
@@ -306,7 +317,8 @@ def part_seams(args, argv) -> int:
         real = report["real"][str(stride)]
         report["methods"][name] = dict(
             sampler=sampler, steps=steps, tile=tile, period=stride, settings=settings, best=chosen, canvas=str(image),
-            canvas_profile=profile, canvas_seconds=seconds, wrap_seam=across_wrap, real=real,
+            canvas_profile=profile, canvas_seconds=seconds, canvas_passes=list(passes), canvas_tries=big_tries,
+            wrap_seam=across_wrap, real=real,
             passed=profile["worst"] <= SEAM_TARGET and across_wrap <= SEAM_TARGET)
         print(f"{name}: best {best}, {big[1]}x{big[0]} worst-offset seam {profile['worst']:.3f} (real crops "
               f"{real['worst']:.3f}), wrap edge {across_wrap:.3f}", file=sys.stderr)
