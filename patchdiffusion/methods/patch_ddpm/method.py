@@ -34,6 +34,7 @@ from torch import nn
 from patchdiffusion.config import Range
 from patchdiffusion.diffusion.losses import DDPMLoss
 from patchdiffusion.diffusion.precond import DiscretePrecond
+from patchdiffusion.diffusion.tiled import TilingConfig
 from patchdiffusion.errors import ConfigError
 from patchdiffusion.methods.base import (Claim, Method, TrainBatch, comparison_record, discrete_schedule, ratio,
                                          record_value)
@@ -253,6 +254,13 @@ class PatchDDPMMethod(Method):
                 f"patches of {pw}x{ph} ({width}x{height} / patch_divider {D}) are not divisible by {divisor} "
                 f"(2^{len(self.config.net.dim_mults) - 1} downsamplings); use fewer dim_mults or a smaller patch_divider"
             )
+
+    def default_tiling(self) -> TilingConfig:
+        """Four grids averaged at every step: the network's own N×N patch borders sit at a fixed place in
+        every tile, and a single moving grid leaves them where a few late steps happen to share an offset
+        (bench any-size seams, a model trained at 32²: worst-offset seam 1.151 with one grid, 1.059 with
+        four at every step, 1.067 with four in the last 5 of 20 steps; 1536×1024 canvas 1.048)."""
+        return TilingConfig(window="cosine", grid="random", passes=4)
 
     def build_network(self) -> PatchDividedUNet:
         cfg = self.config
