@@ -298,11 +298,11 @@ def part_seams(args, argv) -> int:
                   file=sys.stderr)
             if profile["worst"] <= SEAM_TARGET:
                 break
-        image = Path("docs/images") / f"any_size_{name}.jpg"  # JPEG q95: the docs show it (scored from the PNG)
+        image = Path("docs/images") / f"any_size_{name}.jpg"  # JPEG q85: the docs show it (scored from the PNG)
         image.parent.mkdir(parents=True, exist_ok=True)
         from PIL import Image
 
-        Image.open(paths[0]).convert("RGB").save(image, quality=95)
+        Image.open(paths[0]).convert("RGB").save(image, quality=85)
         # A seamless texture: a wrapped canvas, scored across its wrap edge (rolled by half a canvas, the
         # edge comes to the middle, where a period of the canvas size puts one boundary line per axis).
         wrap_paths, _ = sample_setting(run, canvases / name / "wrap", study, window, grid, 1, wrap=True, steps=steps,

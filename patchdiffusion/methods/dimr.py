@@ -34,6 +34,7 @@ from torch import nn
 from patchdiffusion.config import Range, to_dict
 from patchdiffusion.diffusion import parameterization
 from patchdiffusion.diffusion.precond import DiscretePrecond
+from patchdiffusion.diffusion.tiled import TilingConfig
 from patchdiffusion.errors import ConfigError
 from patchdiffusion.methods.base import (COMPARISON_TOLERANCE, Claim, Method, TrainBatch, comparison_record,
                                          discrete_schedule, ratio, record_value)
@@ -185,6 +186,12 @@ class DiMRMethod(LatentSpaceMixin, Method):
         return self.config.net.num_classes
 
     # -- training ----------------------------------------------------------------------------
+    def default_tiling(self) -> TilingConfig:
+        """Gaussian windows on a moving grid, four grids averaged in the last two steps: the transformer's
+        4×4 patches leave borders a single grid keeps in place (bench any-size seams, a model trained at
+        32²: a 1536×1024 canvas scored 1.093 with one grid, 1.048 with four in the last 2 of 10 steps)."""
+        return TilingConfig(window="gaussian", grid="random", passes=4, passes_last=2)
+
     def build_network(self) -> DiMRNet:
         return DiMRNet(dataclasses.replace(self.config.net, canvas=self.canvas_size))
 
