@@ -6,12 +6,13 @@ import argparse
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 from typing import Callable
 
 import torch
+
+from patchdiffusion.process_memory import reset_peak_rss, status_kib
 
 
 def machine_info(device: torch.device) -> dict:
@@ -42,18 +43,7 @@ def write_results(report: dict, out_dir: str, name: str, device: torch.device, p
 
 def proc_status_kib(*keys: str) -> dict[str, int]:
     """Fields of /proc/self/status in KiB, e.g. proc_status_kib("VmRSS", "VmHWM", "RssAnon")."""
-    text = open("/proc/self/status").read()
-    return {k: int(re.search(rf"^{k}:\s+(\d+) kB", text, re.M).group(1)) for k in keys}
-
-
-def reset_high_water_mark() -> bool:
-    """Reset VmHWM to the current RSS (writing 5 to clear_refs); False where the kernel refuses."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+    return {k: status_kib(k) for k in keys}
 
 
 def run_in_fresh_process(module: str, spec: dict, threads: int) -> dict:
@@ -76,7 +66,7 @@ def start_working_memory(device) -> tuple[int, bool]:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         return torch.cuda.memory_allocated(device), True
-    reset = reset_high_water_mark()
+    reset = reset_peak_rss()
     return proc_status_kib("VmRSS")["VmRSS"] * 1024, reset
 
 

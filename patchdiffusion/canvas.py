@@ -953,10 +953,11 @@ def sample_canvas(
     canvas_bytes = math.prod(shape) * 4
     needs: dict[str, list] = {}  # file system -> [folder, bytes, what]
 
+    def file_system(where) -> str:
+        return str(os.stat(_existing(Path(where))).st_dev)
+
     def need(where, size: int, what: str) -> None:
-        where = Path(where)
-        key = str(os.stat(_existing(where)).st_dev)
-        entry = needs.setdefault(key, [where, 0, []])
+        entry = needs.setdefault(file_system(where), [Path(where), 0, []])
         entry[1] += size
         entry[2].append(what)
 
@@ -971,7 +972,7 @@ def sample_canvas(
         need(output_folder, B * H * W * 3, "the images")
     if job is not None and Path(job).is_dir():
         # A resumed job's files are already on disk: its checkpoint is adopted as x, the rest is removed.
-        entry = needs.get(str(os.stat(_existing(Path(job))).st_dev))
+        entry = needs.get(file_system(job))
         if entry is not None:
             entry[1] = max(0, entry[1] - allocated_bytes(job))
     for where, size, what in needs.values():

@@ -62,6 +62,7 @@ import torch
 
 from patchdiffusion.config import RunConfig, apply_overrides, load_config, parse_size
 from patchdiffusion.errors import ConfigError, UserError
+from patchdiffusion.process_memory import peak_rss_bytes, reset_peak_rss, status_kib
 
 STUDY_FILE = "study.json"  # the settings a comparison folder was made with (a resume must repeat them)
 RESULTS_FILE = "results.json"
@@ -308,22 +309,6 @@ def network_cost(method, net, config: RunConfig, num_images: int, plan_draws: in
 # fresh-process memory probes
 
 
-def _status_kib(key: str) -> int:
-    import re
-
-    text = Path("/proc/self/status").read_text()
-    return int(re.search(rf"^{key}:\s+(\d+) kB", text, re.M).group(1))
-
-
-def _reset_peak() -> bool:
-    """Reset the kernel's resident high-water mark (VmHWM) to the current size; False where refused."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def probe(spec: dict) -> dict:
     """Sample in this (fresh) process and measure: peak resident memory above the loaded model's, CPU and
     wall seconds. spec: run_dir, kind (images | canvas), num, size (h, w), seed, out (canvas folder)."""
@@ -334,8 +319,8 @@ def probe(spec: dict) -> dict:
     loaded = load_run(spec["run_dir"], "cpu", use_ema=True)
     h, w = spec["size"]
     gc.collect()
-    after_load = _status_kib("VmRSS") * 1024
-    reset = _reset_peak()
+    after_load = status_kib("VmRSS") * 1024
+    reset = reset_peak_rss()
     cpu, wall = time.process_time(), time.perf_counter()
     if spec["kind"] == "images":
         sample_images(loaded.method, loaded.net, loaded.config, spec["num"], seed0=spec["seed"], height=h, width=w)
@@ -344,7 +329,7 @@ def probe(spec: dict) -> dict:
                           storage="memory", checkpoint_every=1 << 30, progress=False, log=lambda message: None,
                           loaded=loaded)
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    peak = _status_kib("VmHWM") * 1024
+    peak = peak_rss_bytes()
     return {"peak_working_bytes": peak - after_load, "peak_rss_bytes": peak, "after_load_bytes": after_load,
             "peak_reset": reset, "cpu_seconds": cpu, "wall_seconds": wall}
 

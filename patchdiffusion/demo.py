@@ -35,6 +35,7 @@ import torch
 from patchdiffusion.config import RunConfig, apply_overrides
 from patchdiffusion.errors import ConfigError
 from patchdiffusion.images import grid, save_grid, to_uint8
+from patchdiffusion.process_memory import peak_rss_bytes, reset_peak_rss, status_kib
 from patchdiffusion.run import read_metrics
 from patchdiffusion.runtime import cpu_has_fast_bf16
 
@@ -234,38 +235,6 @@ def _threads(count: int) -> str:
 
 # ------------------------------------------------------------------------------------------------
 # memory
-
-
-def _status_kib(key: str) -> int | None:
-    """A field of /proc/self/status in KiB (Linux); None elsewhere."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_memory() -> bool:
-    """Start a new peak-RSS window (VmHWM := current RSS); False where the kernel does not allow it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_mib() -> float:
-    kib = _status_kib("VmHWM")
-    if kib is None:  # not Linux: the process's lifetime peak (ru_maxrss is in KiB on Linux, bytes on macOS)
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
-    return kib / 1024
 
 
 # ------------------------------------------------------------------------------------------------
@@ -506,15 +475,15 @@ def make_canvas(loaded, run_dir: Path, out_dir: Path, side: int, label: int | No
     tiling = tiling_config(loaded.method, tile_batch=TILE_BATCH, passes=CANVAS_PASSES, passes_last=CANVAS_PASSES_LAST)
     tile, overlap = resolve_tiling(tiling, loaded.method.native_tile)
     period = (tile[0] - overlap[0], tile[1] - overlap[1])  # the tile stride: where seams would repeat
-    exact_peak = _reset_peak_memory()
-    rss_before = (_status_kib("VmRSS") or 0) / 1024
+    exact_peak = reset_peak_rss()
+    rss_before = (status_kib("VmRSS") or 0) / 1024
     began = time.time()
     job = out_dir / "canvas_job"
     [made] = generate_canvases(run_dir, job, num=1, seed=0, height=side, width=side,
                                class_label=label, tiling=tiling, storage="auto", checkpoint_every=10**9,
                                device=str(device), progress=progress, log=log, loaded=loaded)
     seconds = time.time() - began
-    peak = _peak_rss_mib()
+    peak = peak_rss_bytes() / 2**20
     path = out_dir / "canvas.png"
     os.replace(made, path)
     shutil.rmtree(job, ignore_errors=True)

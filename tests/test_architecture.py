@@ -48,7 +48,7 @@ def test_generic_modules_name_no_method():
 # imports only go downwards
 
 LAYERS = [  # (layer, module prefixes); a module may import its own layer or lower ones
-    (0, ["errors", "registry", "rng", "images"]),
+    (0, ["errors", "registry", "rng", "images", "process_memory"]),
     (1, ["config", "runtime"]),
     (2, ["nets", "diffusion", "data", "latent", "run", "eval.errors", "eval.frechet", "eval.kid", "eval.swd",
          "eval.seam", "eval.precision_recall", "eval.inception", "eval.inception_score", "eval.features",

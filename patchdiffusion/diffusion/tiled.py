@@ -42,6 +42,7 @@ levels), where the image's fine detail, and its seams, are decided.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import struct
@@ -520,6 +521,7 @@ class TiledDenoiser:
         return outs
 
 
+@functools.lru_cache(maxsize=64)
 def _pass_step(stride: int, passes: int) -> int:
     """The integer nearest stride / passes that is coprime with the stride (the larger on a tie)."""
     target = stride / passes
