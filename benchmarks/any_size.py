@@ -9,7 +9,9 @@ Three parts, each writing its section of benchmarks/results/any_size.json (and t
              each, one process per method), canvases sampled from 32² tiles with every blend window ×
              fixed/random grid at `--study-size`, and one `--size` canvas (1536x1024) with the best
              setting; seam score (eval/seam.py) at the tile period on the grid's lines and at the worst
-             offset, beside real texture crops' scores; a wrapped canvas's score across its wrap edge.
+             offset, beside real texture crops' scores; wrapped canvases (`--wrap-seeds`) scored across
+             their wrap edge, beside lines elsewhere in them (`--wrap-only`: that alone, for methods
+             already in the results).
              The big canvases go to docs/images/any_size_<method>.png.
   gigapixel  `patchdiff sample --size 32768x32768 --format tiff --canvas disk` on the tiny model, killed
              with SIGKILL part way (`--kill-after`), then the same command again: it resumes and finishes.
@@ -17,6 +19,7 @@ Three parts, each writing its section of benchmarks/results/any_size.json (and t
 
     python -m benchmarks.any_size memory [--sizes 1024 16384]
     python -m benchmarks.any_size seams [--train-cpu-minutes 4] [--study-size 384x256] [--size 1536x1024]
+    python -m benchmarks.any_size seams --wrap-only [--wrap-seeds 8] [--methods patch_dm]
     python -m benchmarks.any_size gigapixel [--size 32768] [--steps 2] [--kill-after-checkpoint 120]
 
 Work folders default to ./runs/any_size (models) and a temp folder (canvases), so reruns reuse models.
@@ -135,11 +138,11 @@ def run_watched(argv: list[str], kill_after: float | None = None, threads: int =
                 stderr_tail=tail)
 
 
-def update_results(section: str, data: dict, argv: list[str]) -> Path:
+def update_results(section: str, data: dict, argv: list[str], command_key: str = "command") -> Path:
     """Merge one part's figures into benchmarks/results/any_size.json and redraw the plot."""
     path = RESULTS / "any_size.json"
     report = json.loads(path.read_text()) if path.is_file() else {"benchmark": "any-size"}
-    data["command"] = "patchdiff bench any-size " + " ".join(argv)
+    data[command_key] = "patchdiff bench any-size " + " ".join(argv)
     data["machine"] = machine_info(torch.device("cpu"))
     report[section] = data
     write_results(report, str(RESULTS), "any_size", torch.device("cpu"), plot)
@@ -223,6 +226,42 @@ def sample_setting(run: Path, out: Path, size: tuple[int, int], window: str, gri
     return sorted(out.glob("0*.png")), time.time() - began
 
 
+def score_wrap(run: Path, folder: Path, size: tuple[int, int], window: str, grid: str, seeds: int, steps: int,
+               passes: tuple[int, int]) -> dict:
+    """A seamless texture: `seeds` wrapped canvases scored across their wrap edge (pooled; each alone too),
+    beside lines at random places of the same canvases (`eval.seam.wrap_seam`)."""
+    from patchdiffusion.eval.seam import wrap_seam
+
+    paths, seconds = sample_setting(run, folder, size, window, grid, seeds, wrap=True, steps=steps, passes=passes)
+    return {**wrap_seam(torch.cat([to_255(p) for p in paths])).as_dict(), "canvases": len(paths),
+            "seconds": seconds}
+
+
+def part_wrap_only(args, argv) -> int:
+    """The wrap edge again for methods already in the results, with their chosen window, grid and passes."""
+    from patchdiffusion.config import parse_size
+
+    canvases = Path(args.canvas_folder or tempfile.mkdtemp(prefix="any-size-wrap-"))
+    study = parse_size(args.study_size)
+    previous = RESULTS / "any_size.json"
+    report = json.loads(previous.read_text())["seams"] if previous.is_file() else {}
+    for name in args.methods.split(","):
+        entry = report.get("methods", {}).get(name)
+        if entry is None:
+            raise SystemExit(f"any-size seams --wrap-only: no results for {name} yet; run without --wrap-only first")
+        window, grid = entry["best"].split(" ")[0].split("/")
+        passes = tuple(entry.get("canvas_passes", (1, 0)))
+        run = Path(args.work) / f"small32-{name}"
+        wrap = score_wrap(run, canvases / name / "wrap", study, window, grid, args.wrap_seeds, entry["steps"], passes)
+        entry.update(wrap_seam=wrap["score"], wrap=wrap,
+                     passed=entry["canvas_profile"]["worst"] <= SEAM_TARGET and wrap["score"] <= SEAM_TARGET)
+        print(f"{name}: wrap edge {wrap['score']:.3f} over {wrap['canvases']} canvases (each "
+              f"{', '.join(f'{v:.3f}' for v in wrap['per_image'])}; lines elsewhere {wrap['elsewhere_5_95'][0]:.3f}-"
+              f"{wrap['elsewhere_5_95'][1]:.3f})", file=sys.stderr)
+        update_results("seams", report, argv, command_key="wrap_command")
+    return 0
+
+
 def part_seams(args, argv) -> int:
     from patchdiffusion.config import load_config, parse_size
     from patchdiffusion.eval.seam import seam_profile
@@ -303,25 +342,17 @@ def part_seams(args, argv) -> int:
         from PIL import Image
 
         Image.open(paths[0]).convert("RGB").save(image, quality=85)
-        # A seamless texture: a wrapped canvas, scored across its wrap edge (rolled by half a canvas, the
-        # edge comes to the middle, where a period of the canvas size puts one boundary line per axis).
-        wrap_paths, _ = sample_setting(run, canvases / name / "wrap", study, window, grid, 1, wrap=True, steps=steps,
-                                       passes=passes)
-        wrapped = to_255(wrap_paths[0])
-        rolled = torch.roll(wrapped, shifts=(study[0] // 2, study[1] // 2), dims=(2, 3))
-        from patchdiffusion.eval.seam import seam_score
-
-        across_wrap = seam_score(rolled, (study[0] // 2, study[1] // 2)).score
+        wrap = score_wrap(run, canvases / name / "wrap", study, window, grid, args.wrap_seeds, steps, passes)
         if str(stride) not in report["real"]:
             report["real"][str(stride)] = real_profile(study, stride, 16)
         real = report["real"][str(stride)]
         report["methods"][name] = dict(
             sampler=sampler, steps=steps, tile=tile, period=stride, settings=settings, best=chosen, canvas=str(image),
             canvas_profile=profile, canvas_seconds=seconds, canvas_passes=list(passes), canvas_tries=big_tries,
-            wrap_seam=across_wrap, real=real,
-            passed=profile["worst"] <= SEAM_TARGET and across_wrap <= SEAM_TARGET)
+            wrap_seam=wrap["score"], wrap=wrap, real=real,
+            passed=profile["worst"] <= SEAM_TARGET and wrap["score"] <= SEAM_TARGET)
         print(f"{name}: best {best}, {big[1]}x{big[0]} worst-offset seam {profile['worst']:.3f} (real crops "
-              f"{real['worst']:.3f}), wrap edge {across_wrap:.3f}", file=sys.stderr)
+              f"{real['worst']:.3f}), wrap edge {wrap['score']:.3f}", file=sys.stderr)
         update_results("seams", report, argv)
     return 0
 
@@ -449,12 +480,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pass-settings", type=_pass_settings, default=[(4, 2), (4, 5), (4, 0)],
                         help="seams: K:N grids averaged in the last N steps (0: all), tried on the best window and "
                              "grid when it misses the target, comma-separated (default 4:2,4:5,4:0; '' for none)")
+    parser.add_argument("--wrap-seeds", type=int, default=8,
+                        help="seams: wrapped canvases scored across their wrap edge (pooled; one line of one canvas "
+                             "is noisy, default 8)")
+    parser.add_argument("--wrap-only", action="store_true",
+                        help="seams: only the wrap edge again, for methods already in the results (their settings)")
     parser.add_argument("--kill-after", type=float, default=0, help="gigapixel: SIGKILL the first run after S s")
     parser.add_argument("--kill-after-checkpoint", type=float, default=0,
                         help="gigapixel: SIGKILL the first run S s after its first step checkpoint (inside a step)")
     args = parser.parse_args(argv)
     if args.part == "gigapixel":
         args.size = int(args.size) if args.size.isdigit() else 32768
+    if args.part == "seams" and args.wrap_only:
+        return part_wrap_only(args, argv)
     return {"memory": part_memory, "seams": part_seams, "gigapixel": part_gigapixel}[args.part](args, argv)
 
 

@@ -1,4 +1,5 @@
-"""seam_profile (per-column/row sums) gives seam_score's numbers at every offset, fast enough for 1024²."""
+"""seam_profile (per-column/row sums) gives seam_score's numbers at every offset, fast enough for 1024²;
+the wrap-edge score finds an edge that does not tile and leaves one that does among the lines elsewhere."""
 
 import time
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from patchdiffusion.eval.errors import EvalError
-from patchdiffusion.eval.seam import seam_profile, seam_score
+from patchdiffusion.eval.seam import line_seam, seam_profile, seam_score, wrap_seam
 
 
 def test_profile_equals_seam_score_at_every_offset():
@@ -33,3 +34,32 @@ def test_profile_of_a_large_image_is_quick():
 def test_profile_refuses_a_single_tile():
     with pytest.raises(EvalError, match="single"):
         seam_profile(torch.zeros(1, 3, 8, 8), 8)
+
+
+def periodic_texture(count: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """Smooth noise that tiles with itself: white noise blurred by a circular (FFT) filter, 0..255."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(count, 3, height, width, generator=g, dtype=torch.float64)
+    fy, fx = torch.fft.fftfreq(height)[:, None], torch.fft.fftfreq(width)[None, :]
+    smooth = torch.fft.ifft2(torch.fft.fft2(noise) * torch.exp(-(fy ** 2 + fx ** 2) * 150)).real
+    return (128 + 40 * smooth / smooth.std()).clamp(0, 255)
+
+
+def test_line_seam_at_the_wrap_edge_is_the_score_of_the_half_rolled_image():
+    images = periodic_texture(2, 40, 60)
+    rolled = torch.roll(images, shifts=(20, 30), dims=(2, 3))
+    assert line_seam(images, (0, 0)).score == pytest.approx(seam_score(rolled, (20, 30)).score, rel=1e-12)
+    # A line elsewhere: the images rolled so that line is the edge.
+    moved = torch.roll(images, shifts=(-7, -11), dims=(2, 3))
+    assert line_seam(images, (7, 11)).score == pytest.approx(line_seam(moved, (0, 0)).score, rel=1e-12)
+
+
+def test_wrap_seam_tells_an_edge_that_tiles_from_one_that_does_not():
+    tiles = periodic_texture(4, 64, 96)
+    seamless = wrap_seam(tiles, draws=100)
+    assert seamless.elsewhere_low < seamless.score < seamless.elsewhere_high
+    assert seamless.score == pytest.approx(1.0, abs=0.08) and len(seamless.per_image) == 4
+    ramp = torch.linspace(0, 60, 96, dtype=torch.float64)  # brighter to the right: a jump at the wrap edge
+    broken = wrap_seam(tiles + ramp, draws=100)
+    assert broken.score > 1.5 and broken.score > broken.elsewhere_high
+    assert broken.elsewhere_median == pytest.approx(seamless.elsewhere_median, abs=0.1)  # lines elsewhere: as before

@@ -149,3 +149,49 @@ def seam_profile(images: torch.Tensor, period: int | tuple[int, int], step: int 
             scores[(dy, dx)] = boundary / interior if interior > 0 else (1.0 if boundary == 0 else float("inf"))
     worst = max(scores, key=scores.get)
     return SeamProfile(period, scores[(0, 0)], scores[worst], worst, sum(scores.values()) / len(scores))
+
+
+def line_seam(images: torch.Tensor, at: tuple[int, int]) -> SeamScore:
+    """Seam score of one horizontal and one vertical line per image, the one between rows at[0] − 1 and
+    at[0] and the one between columns at[1] − 1 and at[1], counted as if the images wrapped around their
+    edges (at = (0, 0): the line across the wrap edge itself)."""
+    height, width = images.shape[2], images.shape[3]
+    if height < 4 or width < 4:
+        raise EvalError(f"seam score across a line: images of {height}x{width} are too small")
+    # Rolled so the line comes to the middle, where a tile of half the image puts one boundary per axis.
+    rolled = torch.roll(images, shifts=(height // 2 - at[0], width // 2 - at[1]), dims=(2, 3))
+    return seam_score(rolled, (height // 2, width // 2))
+
+
+@dataclass(frozen=True)
+class WrapSeam:
+    """Seam score across the wrap edge of images meant to tile with themselves, beside the same score
+    of lines elsewhere in them (what a seamless edge scores, with the noise of so few pixel pairs)."""
+
+    score: float  # across the wrap edge, pooled over the images
+    per_image: tuple[float, ...]  # across the wrap edge, each image alone
+    elsewhere_median: float  # lines at random places, pooled over the images in the same way
+    elsewhere_low: float  # 5th percentile
+    elsewhere_high: float  # 95th percentile
+
+    def as_dict(self) -> dict:
+        return {"score": self.score, "per_image": list(self.per_image), "elsewhere_median": self.elsewhere_median,
+                "elsewhere_5_95": [self.elsewhere_low, self.elsewhere_high]}
+
+
+def wrap_seam(images: torch.Tensor, draws: int = 200, seed: int = 0) -> WrapSeam:
+    """Seam score across the wrap edge of (N, C, H, W) images (uint8 or 0..255), pooled over the N images,
+    and the 5th–95th percentile of `draws` lines at random places of the same images (one place for all N,
+    pooled the same way). One line of one image is a few hundred pixel pairs: on seamless images its score
+    spreads by several percent either side of 1, so the edge's score means something beside that spread."""
+    height, width = images.shape[2], images.shape[3]
+    per_image = tuple(line_seam(images[i:i + 1], (0, 0)).score for i in range(len(images)))
+    generator = torch.Generator().manual_seed(seed)
+    places = torch.stack([torch.randint(1, height, (draws,), generator=generator),
+                          torch.randint(1, width, (draws,), generator=generator)], 1).tolist()
+    elsewhere = sorted(line_seam(images, (r, c)).score for r, c in places)
+
+    def percentile(q: float) -> float:
+        return elsewhere[min(len(elsewhere) - 1, round(q * (len(elsewhere) - 1)))]
+
+    return WrapSeam(line_seam(images, (0, 0)).score, per_image, percentile(0.5), percentile(0.05), percentile(0.95))
