@@ -188,7 +188,7 @@ def part_memory(args, argv) -> int:
 def to_255(path: Path) -> torch.Tensor:
     from PIL import Image
 
-    return torch.from_numpy(np.asarray(Image.open(path).convert("RGB"))).permute(2, 0, 1)[None].float()
+    return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)[None].float()
 
 
 def real_profile(size: tuple[int, int], period: int, count: int) -> dict:
@@ -234,7 +234,7 @@ def score_wrap(run: Path, folder: Path, size: tuple[int, int], window: str, grid
 
     paths, seconds = sample_setting(run, folder, size, window, grid, seeds, wrap=True, steps=steps, passes=passes)
     return {**wrap_seam(torch.cat([to_255(p) for p in paths])).as_dict(), "canvases": len(paths),
-            "seconds": seconds}
+            "passes": list(passes), "seconds": seconds}
 
 
 def part_wrap_only(args, argv) -> int:
@@ -250,7 +250,8 @@ def part_wrap_only(args, argv) -> int:
         if entry is None:
             raise SystemExit(f"any-size seams --wrap-only: no results for {name} yet; run without --wrap-only first")
         window, grid = entry["best"].split(" ")[0].split("/")
-        passes = tuple(entry.get("canvas_passes", (1, 0)))
+        chosen = entry["settings"].get(entry["best"], {})
+        passes = tuple(entry.get("canvas_passes") or (chosen.get("passes", 1), chosen.get("passes_last", 0)))
         run = Path(args.work) / f"small32-{name}"
         wrap = score_wrap(run, canvases / name / "wrap", study, window, grid, args.wrap_seeds, entry["steps"], passes)
         entry.update(wrap_seam=wrap["score"], wrap=wrap,
