@@ -1238,10 +1238,34 @@ class _Band:
         return done
 
 
+class _WrappedReader:
+    """Regions of a canvas extended by `margin` (my, mx) on every side with its own opposite edges (a
+    torus): position y of the extension reads canvas row (y − my) mod H, likewise columns."""
+
+    def __init__(self, reader, height: int, width: int, margin: tuple[int, int]):
+        self.reader, self.size, self.margin = reader, (height, width), margin
+
+    @staticmethod
+    def _pieces(start: int, stop: int, length: int, margin: int) -> list[tuple[int, int]]:
+        pieces, y = [], start
+        while y < stop:  # each piece: a run of canvas indices that does not cross the edge
+            first = (y - margin) % length
+            count = min(stop - y, length - first)
+            pieces.append((first, first + count))
+            y += count
+        return pieces
+
+    def read(self, b, y0, y1, x0, x1):
+        (h, w), (my, mx) = self.size, self.margin
+        rows = [torch.cat([self.reader.read(b, r0, r1, c0, c1) for c0, c1 in self._pieces(x0, x1, w, mx)], dim=-1)
+                for r0, r1 in self._pieces(y0, y1, h, my)]
+        return torch.cat(rows, dim=-2)
+
+
 @torch.no_grad()
 def tiled_decode(decode_fn: Callable[[torch.Tensor], torch.Tensor], latent, factor: int,
                  tile: int | tuple[int, int], overlap: int | tuple[int, int], window: str = "cosine",
-                 index: int = 0, batch: int = 4, device=None) -> Iterator[torch.Tensor]:
+                 index: int = 0, batch: int = 4, device=None, wrap: bool = False) -> Iterator[torch.Tensor]:
     """Decode canvas `index` of a latent canvas (CanvasArray or tensor (B, C, h, w)) tile by tile and
     yield the finished image rows as strips (3, rows, w·factor), top to bottom.
 
@@ -1249,22 +1273,49 @@ def tiled_decode(decode_fn: Callable[[torch.Tensor], torch.Tensor], latent, fact
     `overlap` (a fixed grid, the last tile clamped to the edge; a tile larger than the latent is cut to
     it) and are blended in image space with the same separable windows as the TiledDenoiser, so one
     tile covering the latent gives exactly decode_fn of the whole latent. Memory: one band of tile
-    rows of the image (tile height · f rows) and `batch` tiles."""
+    rows of the image (tile height · f rows) and `batch` tiles.
+
+    wrap: the latent is a torus (a `--wrap` canvas): it is decoded extended on every side by
+    max(overlap, 4) of its own opposite rows and columns, and the image is cut back to h·f × w·f, so
+    the decoder sees across the wrap edge what it sees across any joint and the image tiles with
+    itself (decoded without, the edges meet the decoder's zero padding and no longer match)."""
     _, C, h, w = latent.shape
     tile = (tile, tile) if isinstance(tile, int) else tuple(tile)
     overlap = (overlap, overlap) if isinstance(overlap, int) else tuple(overlap)
     if min(tile) < 1 or min(overlap) < 0:
         raise TilingError(f"tiled decode needs a positive tile and an overlap >= 0, got {tile} and {overlap}")
+    if isinstance(latent, CanvasArray):
+        reader, dtype, device = latent.reader(), torch.float32, device or torch.device("cpu")
+    else:
+        reader, dtype, device = TensorReader(latent), latent.dtype, device or latent.device
+    if not wrap:
+        yield from _decode_strips(decode_fn, reader, (h, w), C, factor, tile, overlap, window, index, batch,
+                                  dtype, device)
+        return
+    margin = tuple(min(max(o, 4), n) for o, n in zip(overlap, (h, w)))
+    extended = (h + 2 * margin[0], w + 2 * margin[1])
+    cut, top = (margin[0] * factor, (margin[0] + h) * factor), 0
+    columns = slice(margin[1] * factor, (margin[1] + w) * factor)
+    for strip in _decode_strips(decode_fn, _WrappedReader(reader, h, w, margin), extended, C, factor, tile, overlap,
+                                window, index, batch, dtype, device):
+        bottom = top + strip.shape[1]
+        keep = strip[:, max(cut[0], top) - top:min(cut[1], bottom) - top, columns]
+        top = bottom
+        if keep.shape[1]:
+            yield keep
+
+
+def _decode_strips(decode_fn, reader, size: tuple[int, int], C: int, factor: int, tile: tuple[int, int],
+                   overlap: tuple[int, int], window: str, index: int, batch: int, dtype, device
+                   ) -> Iterator[torch.Tensor]:
+    """tiled_decode over a canvas of `size` (h, w) read through `reader`."""
+    h, w = size
     tile = (min(tile[0], h), min(tile[1], w))
     overlap = (min(overlap[0], tile[0] - 1), min(overlap[1], tile[1] - 1))
     rows = plan_axis(h, tile[0], overlap[0], window_kind=window)
     cols = plan_axis(w, tile[1], overlap[1], window_kind=window)
     image_rows = plan_axis(h * factor, tile[0] * factor, overlap[0] * factor, window_kind=window)
     image_cols = plan_axis(w * factor, tile[1] * factor, overlap[1] * factor, window_kind=window)
-    if isinstance(latent, CanvasArray):
-        reader, dtype, device = latent.reader(), torch.float32, device or torch.device("cpu")
-    else:
-        reader, dtype, device = TensorReader(latent), latent.dtype, device or latent.device
     band = None
     for k in range(len(rows.starts)):
         for first in range(0, len(cols.starts), batch):

@@ -271,7 +271,8 @@ def generate_canvases(
 
         def save(x, path=path):
             if factor > 1:  # a latent canvas: decoded tile by tile, blended, streamed
-                strips = tiled_decode(method.decode, x, factor, denoiser.tile, denoiser.overlap, device=device)
+                strips = tiled_decode(method.decode, x, factor, denoiser.tile, denoiser.overlap, device=device,
+                                      wrap=tiling.wrap)
                 writer = write_png_strips if image_format == "png" else write_tiff_strips
                 writer(path, strips, height, width)
             else:  # to_uint8's rounding clamps to [-1, 1], as the method's decode would

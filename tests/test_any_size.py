@@ -64,7 +64,7 @@ def test_every_method_samples_a_non_square_canvas_from_tiles(name, tmp_path):
     assert not list((tmp_path / "disk").glob(".job-*"))  # the job folder goes once the image is written
 
 
-def test_latent_canvases_are_decoded_from_tiles(tiny_vae, tmp_path):
+def test_latent_canvases_are_decoded_from_tiles(tiny_vae, tmp_path, monkeypatch):
     """A latent model's canvas is sampled in latent tiles and decoded tile by tile (tiled VAE decode)."""
     from patchdiffusion.sample import generate_canvases
     from patchdiffusion.train import train
@@ -79,6 +79,14 @@ def test_latent_canvases_are_decoded_from_tiles(tiny_vae, tmp_path):
     assert Image.open(paths[0]).size == (64, 48)
     with pytest.raises(ConfigError, match="divisible by the VAE's factor 2"):
         generate_canvases(run, tmp_path / "bad", height=47, width=64, progress=False, log=lambda *a: None)
+    # --wrap: the latent torus is decoded as a torus too (canvas.tiled_decode(wrap=True), tested there).
+    import patchdiffusion.canvas as canvas
+
+    decoded_as, real_decode = [], canvas.tiled_decode
+    monkeypatch.setattr(canvas, "tiled_decode", lambda *a, **k: decoded_as.append(k.get("wrap")) or real_decode(*a, **k))
+    paths = generate_canvases(run, tmp_path / "wrap", height=48, width=64, tiling=TilingConfig(wrap=True),
+                              progress=False, log=lambda *a: None)
+    assert decoded_as == [True] and Image.open(paths[0]).size == (64, 48)
 
 
 def test_impossible_tilings_are_one_line_before_any_work(tmp_path):

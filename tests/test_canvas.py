@@ -381,3 +381,40 @@ def test_tiled_decode(source, tmp_path):
     torch.testing.assert_close(torch.cat(strips, dim=1), whole, rtol=1e-5, atol=1e-5)  # a per-pixel decoder
     out = write_png_strips(tmp_path / "d.png", tiled_decode(decode, latent, 8, tile=(8, 12), overlap=2), 160, 288)
     assert np.array_equal(np.asarray(Image.open(out)), to_uint8(whole[None])[0])
+
+
+def blurring_decoder(weight: torch.Tensor, factor: int):
+    """toy_decoder after a 3×3 box blur with zero padding: each pixel depends on its neighbours, and the
+    canvas edges meet zeros, as a VAE decoder's convolutions do."""
+    def decode(z):
+        box = torch.ones(z.shape[1], 1, 3, 3, dtype=z.dtype) / 9
+        return toy_decoder(weight, factor)(torch.nn.functional.conv2d(z, box, padding=1, groups=z.shape[1]))
+    return decode
+
+
+def test_tiled_decode_of_a_wrapped_latent_tiles_with_itself():
+    weight = torch.randn(3, 4, generator=torch.Generator().manual_seed(1)) * 0.3
+    latent = torch.randn(1, 4, 20, 36, generator=torch.Generator().manual_seed(2))
+    decode = blurring_decoder(weight, 4)
+    # The reference: the decoder run on the torus itself (circular padding), cut back to the latent's size.
+    margin = 4
+    torus = decode(torch.nn.functional.pad(latent, (margin,) * 4, mode="circular"))[0]
+    torus = torus[:, margin * 4:(margin + 20) * 4, margin * 4:(margin + 36) * 4]
+    one = torch.cat(list(tiled_decode(decode, latent, 4, tile=(64, 64), overlap=2, wrap=True)), dim=1)
+    assert one.shape == (3, 80, 144) and torch.equal(one, torus)  # one tile over the extended latent: exact
+    strips = list(tiled_decode(decode, latent, 4, tile=(8, 12), overlap=(4, 4), wrap=True, batch=3))
+    wrapped = torch.cat(strips, dim=1)
+    assert wrapped.shape == (3, 80, 144) and max(s.shape[1] for s in strips) <= 8 * 4
+    plain = torch.cat(list(tiled_decode(decode, latent, 4, tile=(8, 12), overlap=(4, 4))), dim=1)
+    edges = [slice(0, 4), slice(-4, None)]  # the image rows and columns of the latent's first and last pixels
+    interior = slice(4, -4)
+
+    def worst(image, rows, cols):
+        return float((image - torus)[:, rows, cols].abs().max())
+
+    # Wrapped: the edges are as close to the torus decode as the tile joints inside are (blending).
+    joints = worst(wrapped, interior, interior)
+    assert max(worst(wrapped, e, slice(None)) for e in edges) <= joints + 1e-6
+    assert max(worst(wrapped, slice(None), e) for e in edges) <= joints + 1e-6
+    # Decoded as a plain canvas, the edges meet the zero padding: far from the torus.
+    assert max(worst(plain, e, slice(None)) for e in edges) > 5 * joints
