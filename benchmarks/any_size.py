@@ -12,7 +12,7 @@ Three parts, each writing its section of benchmarks/results/any_size.json (and t
              offset, beside real texture crops' scores; wrapped canvases (`--wrap-seeds`) scored across
              their wrap edge, beside lines elsewhere in them (`--wrap-only`: that alone, for methods
              already in the results).
-             The big canvases go to docs/images/any_size_<method>.png.
+             The big canvases go to docs/images/any_size_<method>.jpg (JPEG q85; scored from the PNG).
   gigapixel  `patchdiff sample --size 32768x32768 --format tiff --canvas disk` on the tiny model, killed
              with SIGKILL part way (`--kill-after`), then the same command again: it resumes and finishes.
              Wall time, MP/s, peak RSS of each process and the TIFF's size.

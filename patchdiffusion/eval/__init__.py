@@ -14,7 +14,7 @@ Modules, one job each:
     inception_score.py    Inception Score (10 splits)
     precision_recall.py   improved precision and recall (k-NN balls, k=3)
     swd.py                sliced Wasserstein distance on Laplacian-pyramid patches (ProGAN)
-    seam.py               seam score of images assembled from tiles
+    seam.py               seam score of images assembled from tiles, and across a wrap edge
     inputs.py             image sets: data sources, or a run directory generating its images
     reference.py          reference statistics .npz (EDM's mu/sigma plus features)
     evaluate.py           every metric in one pass over each set; the report (table, JSON)
@@ -44,7 +44,7 @@ from .kid import KIDResult, kernel_inception_distance, mmd2_unbiased
 from .monitor import SWDMonitor
 from .precision_recall import PrecisionRecall, precision_recall
 from .reference import ReferenceFile, load_reference, save_reference
-from .seam import SeamProfile, SeamScore, seam_profile, seam_score
+from .seam import SeamProfile, SeamScore, WrapSeam, line_seam, seam_profile, seam_score, wrap_seam
 from .swd import SWDResult, sliced_wasserstein_distance
 
 __all__ = [
@@ -92,5 +92,8 @@ __all__ = [
     "seam_score",
     "seam_profile",
     "SeamProfile",
+    "line_seam",
+    "wrap_seam",
+    "WrapSeam",
     "sliced_wasserstein_distance",
 ]
