@@ -123,6 +123,7 @@ def test_run_directory_generates_then_evaluates(tmp_path, capsys):
         (["--images", "builtin:photos?count=4", "--ref", "builtin:photos", "--inception", "absent.pth"], "absent.pth"),
         (["--images", "builtin:photos?count=4", "--ref", "builtin:photos", "--num", "9"], "9 were asked for"),
         (["--images", "builtin:photos?count=4", "--metrics", "seam", "--tile", "x"], "--tile 'x'"),
+        (["--images", "builtin:photos?count=4", "--metrics", "wrap", "--resolution", "32"], "leave out --resolution"),
     ],
 )
 def test_user_errors_are_one_line(capsys, args, needle):
@@ -176,3 +177,28 @@ def test_unpublished_inception_weights_are_a_warning_in_the_report(tmp_path, cap
     assert "patchdiff eval: WARNING: Inception weights" in captured.err
     report = json.loads(out.read_text())
     assert report["inception"]["published_as"] is None and len(report["inception"]["sha256"]) == 64
+
+
+def test_wrap_seam_of_textures_that_tile_and_of_ones_that_do_not(tmp_path, capsys):
+    """`--metrics wrap`: textures that tile score inside the spread of lines elsewhere; with a brightness
+    ramp (which jumps back at the wrap edge) far above it. No reference and no weights needed."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    fy, fx = np.fft.fftfreq(48)[:, None, None], np.fft.fftfreq(80)[None, :, None]
+    reports = {}
+    for kind, ramp in (("tiles", 0.0), ("ramp", 50.0)):
+        folder = tmp_path / kind
+        folder.mkdir()
+        for i in range(6):  # smooth noise made periodic by a circular (FFT) blur
+            noise = rng.standard_normal((48, 80, 3))
+            smooth = np.fft.ifft2(np.fft.fft2(noise, axes=(0, 1)) * np.exp(-(fy ** 2 + fx ** 2) * 150), axes=(0, 1)).real
+            image = 128 + 40 * smooth / smooth.std() + np.linspace(0, ramp, 80)[None, :, None]
+            Image.fromarray(image.clip(0, 255).round().astype(np.uint8)).save(folder / f"{i:06d}.png")
+        out = tmp_path / f"{kind}.json"
+        assert main(["eval", "--images", str(folder), "--metrics", "wrap", "--json", str(out), "--no-progress"]) == 0
+        assert "wrap seam@6 (lines elsewhere" in capsys.readouterr().out
+        reports[kind] = json.loads(out.read_text())["metrics"]["wrap"]
+    low, high = reports["tiles"]["details"]["elsewhere_5_95"]
+    assert low < reports["tiles"]["value"] < high and abs(reports["tiles"]["value"] - 1) < 0.1
+    assert reports["ramp"]["value"] > 1.5 > reports["ramp"]["details"]["elsewhere_5_95"][1]

@@ -45,13 +45,15 @@ def periodic_texture(count: int, height: int, width: int, seed: int = 0) -> torc
     return (128 + 40 * smooth / smooth.std()).clamp(0, 255)
 
 
-def test_line_seam_at_the_wrap_edge_is_the_score_of_the_half_rolled_image():
-    images = periodic_texture(2, 40, 60)
-    rolled = torch.roll(images, shifts=(20, 30), dims=(2, 3))
-    assert line_seam(images, (0, 0)).score == pytest.approx(seam_score(rolled, (20, 30)).score, rel=1e-12)
-    # A line elsewhere: the images rolled so that line is the edge.
-    moved = torch.roll(images, shifts=(-7, -11), dims=(2, 3))
-    assert line_seam(images, (7, 11)).score == pytest.approx(line_seam(moved, (0, 0)).score, rel=1e-12)
+@pytest.mark.parametrize("height,width", [(40, 60), (41, 59)])
+def test_line_seam_is_the_score_of_the_image_rolled_to_that_line(height, width):
+    images = periodic_texture(2, height, width)
+    half = (height // 2, width // 2)
+    rolled = torch.roll(images, shifts=half, dims=(2, 3))
+    assert line_seam(images, (0, 0)).score == pytest.approx(seam_score(rolled, half).score, rel=1e-12)
+    for at in [(7, 11), (1, width - 1), (height - 3, 2)]:  # a line elsewhere: rolled so that line is the middle
+        moved = torch.roll(images, shifts=(half[0] - at[0], half[1] - at[1]), dims=(2, 3))
+        assert line_seam(images, at).score == pytest.approx(seam_score(moved, half).score, rel=1e-12)
 
 
 def test_wrap_seam_tells_an_edge_that_tiles_from_one_that_does_not():

@@ -17,15 +17,18 @@ from .errors import EvalError
 from .evaluate import DEFAULT_SWD_MAX_IMAGES
 
 EPILOG = """\
-metrics: fid, kid, is, pr (precision/recall), swd, seam, or all. fid/kid/is/pr need the 2015-12-05
+metrics: fid, kid, is, pr (precision/recall), swd, seam, wrap, or all. fid/kid/is/pr need the 2015-12-05
 Inception weights (--inception PATH, or PATCHDIFF_INCEPTION, or ~/.cache/patchdiffusion/); without
-them they are skipped with a note, and swd/seam still run. seam needs --tile.
+them they are skipped with a note, and swd/seam/wrap still run. seam needs --tile. wrap: for textures
+made with `patchdiff sample --wrap`, the seam score across each image's wrap edge beside the spread of
+lines elsewhere in the same images (an edge inside that spread tiles seamlessly).
 
 examples:
   export PATCHDIFF_INCEPTION=~/weights/pt_inception-2015-12-05-6726825d.pth
   patchdiff eval ref --data datasets/celeba-64.zip --dest refs/celeba-64.npz
   patchdiff eval --images runs/luhman --num 10000 --ref refs/celeba-64.npz --metrics fid,kid,is
   patchdiff eval --images samples/ --ref builtin:photos --metrics swd,seam --tile 16
+  patchdiff eval --images textures/ --metrics wrap
 """
 
 
@@ -65,14 +68,14 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
 def register(sub) -> None:
     """Add `eval` (and `eval ref`) to the `patchdiff` subcommands."""
     parser = sub.add_parser(
-        "eval", help="evaluate images: FID, KID, IS, precision/recall, SWD, seam score",
+        "eval", help="evaluate images: FID, KID, IS, precision/recall, SWD, seam score, wrap seam",
         description="Evaluate generated images against a reference data set or reference statistics.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--images", help="images to evaluate: folder, .zip, .lmdb, builtin:NAME, or a run directory")
     parser.add_argument("--ref", help="reference: a data set (folder, .zip, .lmdb, builtin:NAME) or REF.npz")
     parser.add_argument("--metrics", default="fid,kid,is,pr,swd",
-                        help="comma-separated: fid, kid, is, pr, swd, seam, all (default fid,kid,is,pr,swd)")
+                        help="comma-separated: fid, kid, is, pr, swd, seam, wrap, all (default fid,kid,is,pr,swd)")
     parser.add_argument("--num", type=number_arg(int, minimum=1, maximum=1e9), help="images to evaluate (a seeded subset), or to generate from a run")
     parser.add_argument("--ref-num", type=number_arg(int, minimum=1, maximum=1e9), help="reference images to use (a seeded subset; default all)")
     parser.add_argument("--tile", help="seam score tile size: N or HxW (pixels)")

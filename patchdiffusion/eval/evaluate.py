@@ -32,7 +32,7 @@ from .inputs import ImageSet, generate_image_set, is_run_directory, open_image_s
 from .kid import DEFAULT_SUBSET_SIZE, DEFAULT_SUBSETS, kernel_inception_distance
 from .precision_recall import DEFAULT_K, precision_recall
 from .reference import ReferenceFile, load_reference
-from .seam import SEAM_PROTOCOL, SeamAccumulator
+from .seam import SEAM_PROTOCOL, WRAP_PROTOCOL, SeamAccumulator, WrapSeamAccumulator, percentile
 from .swd import DEFAULT_PATCHES_PER_IMAGE, SWD_PROTOCOL, SWDDescriptors, swd_between
 
 # name -> what it measures; the order is the order of the table.
@@ -43,6 +43,7 @@ METRICS = {
     "pr": "precision and recall, k=3 (Kynkäänniemi et al. 2019)",
     "swd": "sliced Wasserstein distance on Laplacian-pyramid patches (Karras et al. 2018)",
     "seam": "seam score: steps across tile boundaries / steps beside them (needs --tile)",
+    "wrap": "seam score across the wrap edge of textures made with --wrap, beside lines elsewhere in them",
 }
 INCEPTION_METRICS = ("fid", "kid", "is", "pr")
 NEEDS_REFERENCE = ("fid", "kid", "pr", "swd")
@@ -81,7 +82,7 @@ class EvalOptions:
 
 @dataclass
 class MetricResult:
-    key: str  # "fid", "kid", "is", "precision", "recall", "swd", "swd_32", "seam"
+    key: str  # "fid", "kid", "is", "precision", "recall", "swd", "swd_32", "seam", "wrap"
     label: str  # what the table shows, with the image count: "FID@1k"
     value: float
     std: float | None = None  # spread over KID subsets / IS splits
@@ -267,9 +268,12 @@ def evaluate(
     device = resolve_device(options.device)
     needing_reference = [m for m in metrics if m in NEEDS_REFERENCE]
     if ref is None and needing_reference:
-        raise EvalError(f"--ref is needed for {', '.join(needing_reference)} (without one, ask only for is, seam)")
+        raise EvalError(f"--ref is needed for {', '.join(needing_reference)} (without one, ask only for is, seam, wrap)")
     if "seam" in metrics and options.tile is None:
         raise EvalError("the seam score needs the tile size of the image grid: give --tile N or --tile HxW")
+    if "wrap" in metrics and options.size is not None:
+        raise EvalError("the wrap seam reads the images as they were made (a crop or resize moves their edges); "
+                        "leave out --resolution")
 
     skipped: dict[str, str] = {}
     notes: list[str] = []
@@ -301,6 +305,8 @@ def evaluate(
         protocols["SWD"] = SWD_PROTOCOL
     if "seam" in computed:
         protocols["seam"] = SEAM_PROTOCOL
+    if "wrap" in computed:
+        protocols["wrap"] = WRAP_PROTOCOL
     return EvalReport(
         images=str(images), reference=None if ref is None else str(ref), num_images=count,
         num_reference=num_reference, size=evaluated.size, device=str(device), inception=inception,
@@ -349,6 +355,10 @@ def _compute(
     if "seam" in metrics:
         seam = SeamAccumulator(options.tile, options.tile_offset)
         consumers.append(seam)
+    wrap = None
+    if "wrap" in metrics:
+        wrap = WrapSeamAccumulator()
+        consumers.append(wrap)
     _read_once(evaluated, consumers, options, "images")
 
     if reference_images is not None:
@@ -400,6 +410,14 @@ def _compute(
             results.append(MetricResult("seam", f"seam{at} ({th}x{tw} tiles)", score.score, None, count,
                                         dict(boundary_step=score.boundary_step, interior_step=score.interior_step,
                                              tile=[th, tw], offset=list(options.tile_offset))))
+        elif metric == "wrap":
+            edge, elsewhere = wrap.line(), wrap.elsewhere(seed=options.seed)
+            low, high = percentile(elsewhere, 0.05), percentile(elsewhere, 0.95)
+            results.append(MetricResult("wrap", f"wrap seam{at} (lines elsewhere {low:.3f}-{high:.3f})", edge.score,
+                                        None, count, dict(boundary_step=edge.boundary_step,
+                                                          interior_step=edge.interior_step,
+                                                          elsewhere_median=percentile(elsewhere, 0.5),
+                                                          elsewhere_5_95=[low, high])))
     return results
 
 

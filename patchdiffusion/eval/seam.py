@@ -40,6 +40,8 @@ class SeamScore:
 
 REFERENCE_BAND = 2  # interior pairs compared with a boundary: up to this many pairs away from it
 SEAM_PROTOCOL = "mean |pixel step| across tile boundaries / the same within 2 pixels beside them (1.0 = seamless)"
+WRAP_PROTOCOL = ("the seam score of the line across each image's wrap edge (last row/column against the first), "
+                 "pooled over the images, beside 200 lines at random places pooled the same way (5th-95th percentile)")
 
 
 def pair_classes(
@@ -151,16 +153,67 @@ def seam_profile(images: torch.Tensor, period: int | tuple[int, int], step: int 
     return SeamProfile(period, scores[(0, 0)], scores[worst], worst, sum(scores.values()) / len(scores))
 
 
+class WrapSeamAccumulator:
+    """Sums of neighbour steps per column and per row of images meant to tile with themselves, the
+    pairs across the wrap edge included (column W−1 with column 0, row H−1 with row 0): from them, the
+    seam score of any one line, the wrap edge or a line elsewhere, in O(H + W).
+
+    The score of the line between rows at[0] − 1 and at[0] and columns at[1] − 1 and at[1] is the one
+    `seam_score` gives the images rolled so that line comes to the middle, with a tile of half the image
+    (one boundary per axis; the wrap edge: at = (0, 0))."""
+
+    def __init__(self):
+        self.size: tuple[int, int] | None = None
+        self.columns = self.rows = None
+        self.num_images = 0
+
+    @torch.no_grad()
+    def add(self, images: torch.Tensor) -> None:
+        """Add (B, C, H, W) images on the 0..255 scale, all of one size."""
+        x = images.double()
+        height, width = x.shape[2], x.shape[3]
+        if height < 4 or width < 4:
+            raise EvalError(f"seam score across a line: images of {height}x{width} are too small")
+        if self.size is None:
+            self.size = (height, width)
+            self.columns, self.rows = torch.zeros(width, dtype=torch.float64), torch.zeros(height, dtype=torch.float64)
+        elif self.size != (height, width):
+            raise EvalError(f"the wrap seam needs images of one size: {self.size[1]}x{self.size[0]} and {width}x{height}")
+        self.columns += (x.roll(-1, dims=3) - x).abs().mean(dim=1).sum(dim=(0, 1)).cpu()  # pair (c, c+1 mod W)
+        self.rows += (x.roll(-1, dims=2) - x).abs().mean(dim=1).sum(dim=(0, 2)).cpu()  # pair (r, r+1 mod H)
+        self.num_images += len(x)
+
+    def line(self, at: tuple[int, int] = (0, 0)) -> SeamScore:
+        if self.size is None:
+            raise EvalError("seam score across a line: no images")
+        height, width = self.size
+        sums, counts = [0.0, 0.0], [0, 0]
+        for steps, length, place, other in ((self.rows, height, at[0], width), (self.columns, width, at[1], height)):
+            across, beside = pair_classes(length, length // 2)  # the rolled image's pairs (i, i+1), i < length-1
+            original = (torch.arange(length - 1) - (length // 2 - place)) % length  # the same pairs unrolled
+            for k, mask in enumerate((across, beside)):
+                sums[k] += float(steps[original[mask]].sum())
+                counts[k] += int(mask.sum()) * self.num_images * other
+        boundary, interior = sums[0] / counts[0], sums[1] / counts[1]
+        score = boundary / interior if interior > 0 else (1.0 if boundary == 0 else float("inf"))
+        return SeamScore(score, boundary, interior, (height // 2, width // 2), self.num_images)
+
+    def elsewhere(self, draws: int = 200, seed: int = 0) -> list[float]:
+        """Scores of `draws` lines at random places (one place for all the images), sorted."""
+        height, width = self.size
+        generator = torch.Generator().manual_seed(seed)
+        places = torch.stack([torch.randint(1, height, (draws,), generator=generator),
+                              torch.randint(1, width, (draws,), generator=generator)], 1).tolist()
+        return sorted(self.line((r, c)).score for r, c in places)
+
+
 def line_seam(images: torch.Tensor, at: tuple[int, int]) -> SeamScore:
     """Seam score of one horizontal and one vertical line per image, the one between rows at[0] − 1 and
     at[0] and the one between columns at[1] − 1 and at[1], counted as if the images wrapped around their
     edges (at = (0, 0): the line across the wrap edge itself)."""
-    height, width = images.shape[2], images.shape[3]
-    if height < 4 or width < 4:
-        raise EvalError(f"seam score across a line: images of {height}x{width} are too small")
-    # Rolled so the line comes to the middle, where a tile of half the image puts one boundary per axis.
-    rolled = torch.roll(images, shifts=(height // 2 - at[0], width // 2 - at[1]), dims=(2, 3))
-    return seam_score(rolled, (height // 2, width // 2))
+    accumulator = WrapSeamAccumulator()
+    accumulator.add(images)
+    return accumulator.line(at)
 
 
 @dataclass(frozen=True)
@@ -179,19 +232,19 @@ class WrapSeam:
                 "elsewhere_5_95": [self.elsewhere_low, self.elsewhere_high]}
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile of sorted values (nearest rank)."""
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
 def wrap_seam(images: torch.Tensor, draws: int = 200, seed: int = 0) -> WrapSeam:
     """Seam score across the wrap edge of (N, C, H, W) images (uint8 or 0..255), pooled over the N images,
     and the 5th–95th percentile of `draws` lines at random places of the same images (one place for all N,
     pooled the same way). One line of one image is a few hundred pixel pairs: on seamless images its score
     spreads by several percent either side of 1, so the edge's score means something beside that spread."""
-    height, width = images.shape[2], images.shape[3]
+    pooled = WrapSeamAccumulator()
+    pooled.add(images)
     per_image = tuple(line_seam(images[i:i + 1], (0, 0)).score for i in range(len(images)))
-    generator = torch.Generator().manual_seed(seed)
-    places = torch.stack([torch.randint(1, height, (draws,), generator=generator),
-                          torch.randint(1, width, (draws,), generator=generator)], 1).tolist()
-    elsewhere = sorted(line_seam(images, (r, c)).score for r, c in places)
-
-    def percentile(q: float) -> float:
-        return elsewhere[min(len(elsewhere) - 1, round(q * (len(elsewhere) - 1)))]
-
-    return WrapSeam(line_seam(images, (0, 0)).score, per_image, percentile(0.5), percentile(0.05), percentile(0.95))
+    elsewhere = pooled.elsewhere(draws, seed)
+    return WrapSeam(pooled.line().score, per_image, percentile(elsewhere, 0.5), percentile(elsewhere, 0.05),
+                    percentile(elsewhere, 0.95))
