@@ -415,7 +415,7 @@ def plot(report: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2), dpi=100, gridspec_kw={"width_ratios": [3, 1]})
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2), dpi=100, gridspec_kw={"width_ratios": [3, 1, 1]})
     ax = axes[0]
     seams = report.get("seams", {})
     methods = seams.get("methods", {})
@@ -438,6 +438,21 @@ def plot(report: dict, path: str) -> None:
         ax.set_xticklabels(labels, fontsize=5, rotation=90)
         ax.set_ylabel("seam score (1 = seamless)")
         ax.set_title(f"seam score by method, window and grid ({seams.get('study_size')} canvases)", fontsize=10)
+        ax.legend(fontsize=7)
+    ax = axes[2]
+    wrapped = {name: m["wrap"] for name, m in methods.items() if "wrap" in m}
+    if wrapped:  # the wrap edge beside the spread of lines elsewhere in the same canvases
+        xs = np.arange(len(wrapped))
+        low = [w["elsewhere_5_95"][0] for w in wrapped.values()]
+        high = [w["elsewhere_5_95"][1] for w in wrapped.values()]
+        ax.bar(xs, np.subtract(high, low), 0.5, bottom=low, color="0.85", label="lines elsewhere, 5-95%")
+        ax.plot(xs, [w["score"] for w in wrapped.values()], "o", color="C3", label="wrap edge")
+        ax.axhline(SEAM_TARGET, color="r", ls=":", lw=1, label=f"target {SEAM_TARGET}")
+        ax.set_xticks(xs)
+        ax.set_xticklabels(list(wrapped), fontsize=7, rotation=45, ha="right")
+        canvases = next(iter(wrapped.values())).get("canvases", "")
+        ax.set_ylim(min(low + [w["score"] for w in wrapped.values()]) - 0.02, SEAM_TARGET + 0.02)
+        ax.set_title(f"--wrap edge, {canvases} canvases each", fontsize=10)
         ax.legend(fontsize=7)
     ax = axes[1]
     memory = report.get("memory", {})
