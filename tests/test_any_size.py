@@ -123,7 +123,7 @@ def test_passes_from_the_command_line_in_memory_and_on_disk_alike(tmp_path, caps
     assert main([*common, "--passes", "3", "--passes-last", "1", "--canvas", "memory", "--out", str(tmp_path / "m")]) == 0
     assert "x3 passes in the last 1 steps" in capsys.readouterr().out
     assert main([*common, "--passes", "3", "--passes-last", "1", "--canvas", "disk", "--out", str(tmp_path / "d")]) == 0
-    images = [torch.from_numpy(__import__("numpy").asarray(Image.open(tmp_path / f / "000000.png"))) for f in "md"]
+    images = [torch.from_numpy(__import__("numpy").array(Image.open(tmp_path / f / "000000.png"))) for f in "md"]
     assert torch.equal(images[0], images[1])
     # The passes change the result (an untrained network's PNG saturates: compared before 8 bits).
     method, net = tiny_method("full")
