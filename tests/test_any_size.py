@@ -1,5 +1,7 @@
 """Any size, for every method: tiles of the model's size fused into a denoiser over the whole canvas."""
 
+import dataclasses
+
 import pytest
 import torch
 from PIL import Image
@@ -101,11 +103,24 @@ def test_impossible_tilings_are_one_line_before_any_work(tmp_path):
 
 
 def test_wrapped_canvas_tiles_with_itself():
-    """With wrap the canvas is a torus: an elementwise-consistent model gives a canvas whose right edge
-    continues into its left edge (the tiled denoiser reads across the edge)."""
+    """With wrap the canvas is a torus: no place on it is an edge. The tiled denoiser of a model without
+    positions commutes with rolling the canvas by a whole stride (the tiles only change names), the
+    wrap edge included; without wrap the edge tiles are cut off and it does not."""
     method, net = tiny_method("full")
-    tiling = TilingConfig(wrap=True, grid="random", batch=8)
-    out = method.sample(net, SampleRNG([5]), 32, 48, steps=3, tiling=tiling)
+    tiling = TilingConfig(overlap=(4, 4), window="cosine", grid="fixed", wrap=True, batch=8)
+    stride = method.native_tile[1] - 4
+    x = torch.randn(1, 3, 2 * stride, 3 * stride, generator=torch.Generator().manual_seed(0)) * 5
+    sigma = torch.tensor([5.0])
+    for wrap in (True, False):
+        denoiser = method.tiled_denoiser(net, tiling=dataclasses.replace(tiling, wrap=wrap))
+        rolled_then_denoised = denoiser(torch.roll(x, stride, dims=3), sigma)
+        denoised_then_rolled = torch.roll(denoiser(x, sigma), stride, dims=3)
+        error = float((rolled_then_denoised - denoised_then_rolled).abs().max())
+        if wrap:
+            assert error < 1e-5, error
+        else:
+            assert error > 1e-2, error
+    out = method.sample(net, SampleRNG([5]), 32, 48, steps=3, tiling=dataclasses.replace(tiling, grid="random"))
     assert out.shape == (1, 3, 32, 48) and torch.isfinite(out).all()
 
 
