@@ -70,10 +70,13 @@ __all__ = [
     "sample_canvas",
     "iter_rows",
     "write_png",
+    "write_atomic",
     "write_png_strips",
     "write_tiff",
     "write_tiff_strips",
     "tiled_decode",
+    "job_parameters",
+    "job_digest",
 ]
 
 BLOCK = 128  # block side of stores and of the noise grid (fixed: noise values depend on it)
@@ -787,6 +790,22 @@ def check_disk_space(folder: str | Path, need: int, what: str) -> None:
 # Resumable jobs.
 
 
+def job_parameters(sampler: str, denoiser: TiledDenoiser, shape: Sequence[int], sigmas, seeds, extra_args: dict | None,
+                   options: dict | None, job_key: str) -> dict:
+    """Everything a canvas job's result depends on, in a hashable form (a checkpoint or a finished image
+    made with other parameters is never taken for this job's)."""
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
+    params = dict(version=_JOB_VERSION, sampler=sampler, options=dict(options or {}), sigmas=sigmas.tolist(),
+                  shape=tuple(int(s) for s in shape), seeds=seeds, tiling=asdict(denoiser.config), tile=denoiser.tile,
+                  overlap=denoiser.overlap, halo=denoiser.halo, extra_args=extra_args or {}, job_key=job_key)
+    return _digest_value(params)
+
+
+def job_digest(params: dict) -> str:
+    """sha256 of `job_parameters`."""
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
+
+
 def _digest_value(value) -> Any:
     if isinstance(value, torch.Tensor):
         data = value.detach().cpu().contiguous()
@@ -812,7 +831,7 @@ class _Job:
     def __init__(self, folder: str | Path, params: dict):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
+        self.digest = job_digest(params)
         self._lock = open(self.folder / "lock", "w")
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -826,7 +845,7 @@ class _Job:
                 raise CanvasError(f"{self.folder} holds a canvas job with other parameters; rerun that command to "
                                   "finish it, or remove the folder to start this one")
         else:
-            _write_atomic(meta, json.dumps({"digest": self.digest, "params": params}, sort_keys=True, indent=1))
+            write_atomic(meta, json.dumps({"digest": self.digest, "params": params}, sort_keys=True, indent=1))
         for stale in self.folder.glob("step-*.tmp"):
             shutil.rmtree(stale)
         self.scratch = self.folder / "scratch"
@@ -853,7 +872,7 @@ class _Job:
         if history is not None:
             history.save(tmp / "history.f32")
         state = dict(step=step, digest=self.digest, final=final, history=history is not None, time=time.time())
-        _write_atomic(tmp / "state.json", json.dumps(state))
+        write_atomic(tmp / "state.json", json.dumps(state))
         shutil.rmtree(name, ignore_errors=True)
         os.rename(tmp, name)
         _fsync_dir(self.folder)
@@ -866,7 +885,8 @@ class _Job:
         self._lock.close()
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """`text` into `path` through a synced temp file and a rename: a kill leaves the old file or the new."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -978,10 +998,8 @@ def sample_canvas(
     for where, size, what in needs.values():
         check_disk_space(where, size, " and ".join(what))
 
-    params = dict(version=_JOB_VERSION, sampler=sampler, options=options, sigmas=sigmas.tolist(), shape=shape,
-                  seeds=seeds, tiling=asdict(denoiser.config), tile=denoiser.tile, overlap=denoiser.overlap,
-                  halo=denoiser.halo, extra_args=extra_args or {}, job_key=job_key)
-    state = _Job(job, _digest_value(params)) if job is not None else None
+    state = _Job(job, job_parameters(sampler, denoiser, shape, sigmas, seeds, extra_args, options, job_key)) \
+        if job is not None else None
     if storage == "disk":
         bound_malloc_heap()  # what the disk is for: a peak RSS that does not grow with the canvas
     if storage == "memory":

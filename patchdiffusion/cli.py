@@ -292,9 +292,16 @@ def cmd_sample(args, extra: list[str]) -> int:
         tiling = tiling_config(loaded.method, args.tile, args.overlap, args.window, args.grid,
                                True if args.wrap else None, args.tile_batch, passes=args.passes,
                                passes_last=args.passes_last)
-        paths = generate_canvases(args.run, out, tiling=tiling, storage=args.canvas or "auto",
-                                  image_format=args.format or "png", checkpoint_every=args.checkpoint_every or 1,
-                                  loaded=loaded, **common, **options)
+        try:
+            paths = generate_canvases(args.run, out, tiling=tiling, storage=args.canvas or "auto",
+                                      image_format=args.format or "png", checkpoint_every=args.checkpoint_every or 1,
+                                      loaded=loaded, **common, **options)
+        except KeyboardInterrupt:
+            every = args.checkpoint_every or 1
+            print(f"stopped; the same command continues: finished canvases in {out} are kept, the one in progress "
+                  f"resumes from its last checkpoint (every {f'{every} steps' if every > 1 else 'step'})",
+                  file=sys.stderr)
+            return 130
         print(f"wrote {len(paths)} canvas{'es' if len(paths) != 1 else ''} to {out}")
         return 0
     paths = generate_images(args.run, out, batch_size=args.batch, **common, **options)
@@ -664,6 +671,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:  # a training divergence is a user-facing outcome, not a crash
         print(f"patchdiff train: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (commands that can continue say how)
+        print(f"patchdiff {args.command}: stopped", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

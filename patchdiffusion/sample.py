@@ -225,7 +225,8 @@ def generate_canvases(
     (`image_format`: png, or tiff for a tiled BigTIFF). Each canvas is a resumable job: killed and run
     again with the same arguments, it continues from its last checkpoint (every `checkpoint_every`
     steps) and gives the same image bit for bit. `tiling`: the method's default tiling when None."""
-    from patchdiffusion.canvas import sample_canvas, tiled_decode, write_png, write_png_strips
+    from patchdiffusion.canvas import job_digest, job_parameters, sample_canvas, tiled_decode, write_atomic, write_png
+    from patchdiffusion.canvas import write_png_strips
     from patchdiffusion.canvas import write_tiff, write_tiff_strips
 
     if num < 1:
@@ -280,9 +281,20 @@ def generate_canvases(
 
         job_key = _job_key(loaded, {"options": repr(method_options), "cond": {k: _digest(v) for k, v in cond.items()},
                                     "guidance": guidance, "format": image_format, "size": [height, width]})
-        sample_canvas(sampler, denoiser, shape, sigmas, seeds=mix_seed(SAMPLE_STREAM, image_seed), extra_args=cond,
+        noise_seed = mix_seed(SAMPLE_STREAM, image_seed)
+        # A canvas this command already finished (a rerun after a kill part way through --num) is kept:
+        # its record holds the digest of every parameter it was made with.
+        finished = out_dir / f".done-{image_seed:06d}"
+        digest = job_digest(job_parameters(sampler, denoiser, shape, sigmas, noise_seed, cond, run_options, job_key))
+        if path.is_file() and finished.is_file() and finished.read_text().strip() == digest:
+            log(f"{path.name}: already made by this command, kept (remove it to make it again)")
+            paths.append(path)
+            continue
+        finished.unlink(missing_ok=True)
+        sample_canvas(sampler, denoiser, shape, sigmas, seeds=noise_seed, extra_args=cond,
                       options=run_options, storage=storage, folder=out_dir, job=out_dir / f".job-{image_seed:06d}",
                       checkpoint_every=checkpoint_every, job_key=job_key, save=save, output_folder=out_dir,
                       progress=progress, log=log)
+        write_atomic(finished, digest + "\n")
         paths.append(path)
     return paths

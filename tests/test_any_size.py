@@ -168,3 +168,55 @@ def test_a_canvas_depends_only_on_its_own_seed_grid_included(tmp_path):
     import tifffile
 
     assert (tifffile.imread(pair[1]) == tifffile.imread(alone[0])).all()
+
+
+def test_a_rerun_keeps_the_canvases_it_already_finished(tmp_path, monkeypatch):
+    """`--num 2` killed after the first canvas and run again: the finished canvas is kept (its record holds
+    the digest of every parameter), the other is made; with other parameters both are made again."""
+    import patchdiffusion.canvas as canvas
+    from patchdiffusion.sample import generate_canvases
+    from patchdiffusion.train import train
+
+    run = tmp_path / "run"
+    config = tiny_config("full", 16, "data.source=builtin:textures?count=4", "train.steps=1", "train.batch_size=2",
+                         "train.sample_images=0", "train.device=cpu")
+    train(config, run, progress=False, log=lambda *a: None)
+    out, logs, made = tmp_path / "out", [], []
+    real_sample_canvas = canvas.sample_canvas
+    monkeypatch.setattr(canvas, "sample_canvas", lambda *a, **k: made.append(k["job"].name) or real_sample_canvas(*a, **k))
+
+    def make(steps):
+        return generate_canvases(run, out, num=2, height=24, width=40, steps=steps, progress=False, log=logs.append)
+
+    first = [p.read_bytes() for p in make(2)]
+    assert made == [".job-000000", ".job-000001"]
+    (out / ".done-000001").unlink()  # killed after writing canvas 1's image, before its record
+    made.clear()
+    again = [p.read_bytes() for p in make(2)]
+    assert made == [".job-000001"] and again == first
+    assert "000000.png: already made by this command, kept (remove it to make it again)" in logs
+    made.clear()
+    make(3)  # other parameters: nothing is taken for done
+    assert made == [".job-000000", ".job-000001"]
+
+
+def test_ctrl_c_while_sampling_canvases_is_one_line_that_says_how_to_go_on(tmp_path, monkeypatch, capsys):
+    import patchdiffusion.sample as sample
+    from patchdiffusion.cli import main
+    from patchdiffusion.train import train
+
+    run = tmp_path / "run"
+    config = tiny_config("full", 16, "data.source=builtin:textures?count=4", "train.steps=1", "train.batch_size=2",
+                         "train.sample_images=0", "train.device=cpu")
+    train(config, run, progress=False, log=lambda *a: None)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sample, "generate_canvases", interrupted)
+    assert main(["sample", "--run", str(run), "--size", "48x32", "--out", str(tmp_path / "o"), "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "stopped; the same command continues" in err and len(err.strip().splitlines()) == 1
+    monkeypatch.setattr(sample, "generate_images", interrupted)
+    assert main(["sample", "--run", str(run), "--out", str(tmp_path / "p"), "--no-progress"]) == 130
+    assert capsys.readouterr().err.strip() == "patchdiff sample: stopped"
