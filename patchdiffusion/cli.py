@@ -162,8 +162,8 @@ def _add_tiling_options(parser: argparse.ArgumentParser) -> None:
                        help="keep the canvas and the sampler's state in RAM or in files (auto: by size)")
     group.add_argument("--format", choices=("png", "tiff"), help="png, or tiff for a tiled BigTIFF (huge canvases)")
     group.add_argument("--checkpoint-every", type=number_arg(int, minimum=1, maximum=1e6),
-                       help="checkpoint the canvas every K steps; rerun the same command after a kill to resume "
-                            "(default 1)")
+                       help="checkpoint the canvas every K steps; rerun the same command after a kill or Ctrl-C "
+                            "to resume (finished canvases are kept) (default 1)")
 
 
 SAMPLER_CHOICES = {"variance": ("small", "large", "learned")}  # the string-valued sampler options
