@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -159,6 +160,7 @@ def part_memory(args, argv) -> int:
     out = Path(args.canvas_folder or tempfile.mkdtemp(prefix="any-size-memory-"))
     cases = []
     for size in args.sizes:
+        shutil.rmtree(out / str(size), ignore_errors=True)  # measured: an earlier canvas would be kept, not made
         argv_sample = ["sample", "--run", str(run), "--size", f"{size}x{size}", "--num", "1", "--steps",
                        str(args.steps), "--format", "tiff", "--canvas", "disk", "--tile-batch", str(args.tile_batch),
                        "--overlap", str(args.overlap), "--out", str(out / str(size)), "--no-progress"]
@@ -212,6 +214,7 @@ def args_step(period: int) -> int:
 def sample_setting(run: Path, out: Path, size: tuple[int, int], window: str, grid: str, seeds: int, wrap=False,
                    steps: int | None = None, passes: tuple[int, int] = (1, 0)) -> tuple[list[Path], float]:
     height, width = size
+    shutil.rmtree(out, ignore_errors=True)  # measured: canvases of an earlier run would be kept, not made
     argv = ["sample", "--run", str(run), "--size", f"{width}x{height}", "--num", str(seeds), "--window", window,
             "--grid", grid, "--tile-batch", "32", "--out", str(out), "--no-progress",
             "--passes", str(passes[0]), "--passes-last", str(passes[1])]
@@ -374,6 +377,9 @@ def part_gigapixel(args, argv) -> int:
     # kill, a full disk) continues with the resume when run again.
     record = out / "attempts.json"
     attempts = json.loads(record.read_text()) if record.is_file() and (out / ".job-000000").is_dir() else []
+    if not attempts:  # a new measurement: a canvas finished by an earlier one would be kept, not made
+        for finished in (out / "000000.tiff", out / ".done-000000"):
+            finished.unlink(missing_ok=True)
     if not attempts and (args.kill_after or args.kill_after_checkpoint):
         job = (out / ".job-000000", args.kill_after_checkpoint) if args.kill_after_checkpoint else None
         attempts.append(run_watched(sample, kill_after=args.kill_after or None, threads=args.threads,

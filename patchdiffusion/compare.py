@@ -49,6 +49,7 @@ import gc
 import json
 import math
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -318,6 +319,8 @@ def probe(spec: dict) -> dict:
     torch.set_num_threads(1)
     loaded = load_run(spec["run_dir"], "cpu", use_ema=True)
     h, w = spec["size"]
+    if spec["kind"] == "canvas":  # measured: a canvas left by a killed probe would be kept, not made
+        shutil.rmtree(spec["out"], ignore_errors=True)
     gc.collect()
     after_load = status_kib("VmRSS") * 1024
     reset = reset_peak_rss()
