@@ -240,6 +240,11 @@ def score_wrap(run: Path, folder: Path, size: tuple[int, int], window: str, grid
             "passes": list(passes), "seconds": seconds}
 
 
+def seams_pass(canvas_profile: dict, wrap: dict) -> bool:
+    """The target on the big canvas (worst offset) and across the wrap edge."""
+    return canvas_profile["worst"] <= SEAM_TARGET and wrap["score"] <= SEAM_TARGET
+
+
 def part_wrap_only(args, argv) -> int:
     """The wrap edge again for methods already in the results, with their chosen window, grid and passes."""
     from patchdiffusion.config import parse_size
@@ -257,8 +262,7 @@ def part_wrap_only(args, argv) -> int:
         passes = tuple(entry.get("canvas_passes") or (chosen.get("passes", 1), chosen.get("passes_last", 0)))
         run = Path(args.work) / f"small32-{name}"
         wrap = score_wrap(run, canvases / name / "wrap", study, window, grid, args.wrap_seeds, entry["steps"], passes)
-        entry.update(wrap_seam=wrap["score"], wrap=wrap,
-                     passed=entry["canvas_profile"]["worst"] <= SEAM_TARGET and wrap["score"] <= SEAM_TARGET)
+        entry.update(wrap_seam=wrap["score"], wrap=wrap, passed=seams_pass(entry["canvas_profile"], wrap))
         print(f"{name}: wrap edge {wrap['score']:.3f} over {wrap['canvases']} canvases (each "
               f"{', '.join(f'{v:.3f}' for v in wrap['per_image'])}; lines elsewhere {wrap['elsewhere_5_95'][0]:.3f}-"
               f"{wrap['elsewhere_5_95'][1]:.3f})", file=sys.stderr)
@@ -353,8 +357,7 @@ def part_seams(args, argv) -> int:
         report["methods"][name] = dict(
             sampler=sampler, steps=steps, tile=tile, period=stride, settings=settings, best=chosen, canvas=str(image),
             canvas_profile=profile, canvas_seconds=seconds, canvas_passes=list(passes), canvas_tries=big_tries,
-            wrap_seam=wrap["score"], wrap=wrap, real=real,
-            passed=profile["worst"] <= SEAM_TARGET and wrap["score"] <= SEAM_TARGET)
+            wrap_seam=wrap["score"], wrap=wrap, real=real, passed=seams_pass(profile, wrap))
         print(f"{name}: best {best}, {big[1]}x{big[0]} worst-offset seam {profile['worst']:.3f} (real crops "
               f"{real['worst']:.3f}), wrap edge {wrap['score']:.3f}", file=sys.stderr)
         update_results("seams", report, argv)

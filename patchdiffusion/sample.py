@@ -225,9 +225,8 @@ def generate_canvases(
     (`image_format`: png, or tiff for a tiled BigTIFF). Each canvas is a resumable job: killed and run
     again with the same arguments, it continues from its last checkpoint (every `checkpoint_every`
     steps) and gives the same image bit for bit. `tiling`: the method's default tiling when None."""
-    from patchdiffusion.canvas import job_digest, job_parameters, sample_canvas, tiled_decode, write_atomic, write_png
-    from patchdiffusion.canvas import write_png_strips
-    from patchdiffusion.canvas import write_tiff, write_tiff_strips
+    from patchdiffusion.canvas import (job_digest, job_parameters, sample_canvas, tiled_decode, write_atomic, write_png,
+                                       write_png_strips, write_tiff, write_tiff_strips)
 
     if num < 1:
         raise ConfigError("--num must be at least 1")

@@ -32,7 +32,7 @@ from .inputs import ImageSet, generate_image_set, is_run_directory, open_image_s
 from .kid import DEFAULT_SUBSET_SIZE, DEFAULT_SUBSETS, kernel_inception_distance
 from .precision_recall import DEFAULT_K, precision_recall
 from .reference import ReferenceFile, load_reference
-from .seam import SEAM_PROTOCOL, WRAP_PROTOCOL, SeamAccumulator, WrapSeamAccumulator, percentile
+from .seam import SEAM_PROTOCOL, WRAP_PROTOCOL, SeamAccumulator, WrapSeamAccumulator
 from .swd import DEFAULT_PATCHES_PER_IMAGE, SWD_PROTOCOL, SWDDescriptors, swd_between
 
 # name -> what it measures; the order is the order of the table.
@@ -411,12 +411,12 @@ def _compute(
                                         dict(boundary_step=score.boundary_step, interior_step=score.interior_step,
                                              tile=[th, tw], offset=list(options.tile_offset))))
         elif metric == "wrap":
-            edge, elsewhere = wrap.line(), wrap.elsewhere(seed=options.seed)
-            low, high = percentile(elsewhere, 0.05), percentile(elsewhere, 0.95)
-            results.append(MetricResult("wrap", f"wrap seam{at} (lines elsewhere {low:.3f}-{high:.3f})", edge.score,
+            edge, summary = wrap.line(), wrap.summary(seed=options.seed)
+            low, high = summary.elsewhere_low, summary.elsewhere_high
+            results.append(MetricResult("wrap", f"wrap seam{at} (lines elsewhere {low:.3f}-{high:.3f})", summary.score,
                                         None, count, dict(boundary_step=edge.boundary_step,
                                                           interior_step=edge.interior_step,
-                                                          elsewhere_median=percentile(elsewhere, 0.5),
+                                                          elsewhere_median=summary.elsewhere_median,
                                                           elsewhere_5_95=[low, high])))
     return results
 

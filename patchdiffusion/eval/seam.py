@@ -206,6 +206,12 @@ class WrapSeamAccumulator:
                               torch.randint(1, width, (draws,), generator=generator)], 1).tolist()
         return sorted(self.line((r, c)).score for r, c in places)
 
+    def summary(self, draws: int = 200, seed: int = 0, per_image: tuple[float, ...] = ()) -> "WrapSeam":
+        """The wrap edge's score beside the median and 5th–95th percentile of `elsewhere`."""
+        elsewhere = self.elsewhere(draws, seed)
+        return WrapSeam(self.line().score, per_image, _percentile(elsewhere, 0.5), _percentile(elsewhere, 0.05),
+                        _percentile(elsewhere, 0.95))
+
 
 def line_seam(images: torch.Tensor, at: tuple[int, int]) -> SeamScore:
     """Seam score of one horizontal and one vertical line per image, the one between rows at[0] − 1 and
@@ -232,7 +238,7 @@ class WrapSeam:
                 "elsewhere_5_95": [self.elsewhere_low, self.elsewhere_high]}
 
 
-def percentile(values: list[float], q: float) -> float:
+def _percentile(values: list[float], q: float) -> float:
     """The q-quantile of sorted values (nearest rank)."""
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
@@ -244,7 +250,5 @@ def wrap_seam(images: torch.Tensor, draws: int = 200, seed: int = 0) -> WrapSeam
     spreads by several percent either side of 1, so the edge's score means something beside that spread."""
     pooled = WrapSeamAccumulator()
     pooled.add(images)
-    per_image = tuple(line_seam(images[i:i + 1], (0, 0)).score for i in range(len(images)))
-    elsewhere = pooled.elsewhere(draws, seed)
-    return WrapSeam(pooled.line().score, per_image, percentile(elsewhere, 0.5), percentile(elsewhere, 0.05),
-                    percentile(elsewhere, 0.95))
+    return pooled.summary(draws, seed, per_image=tuple(line_seam(images[i:i + 1], (0, 0)).score
+                                                        for i in range(len(images))))
